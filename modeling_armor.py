@@ -405,7 +405,8 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         - image tokens: `image_do_sample`, `image_temperature`, `image_top_k`, `image_top_p`;
         - `guidance_scale`: classifier-free guidance of image tokens (1 or None: off). Conditional and
           unconditional rows run as one batch of twice the size; the unconditional rows see `negative_prompt_ids`
-          (default: the prompt with every token replaced by `<imgpad>`) followed by the same generated tokens;
+          (default: the prompt with every token but a final `<imgbos>` replaced by `<imgpad>`), then the same
+          generated tokens;
         - `cache_implementation`: `"dynamic"` (default) or `"static"` (preallocated; on CUDA the decode step is
           compiled with `torch.compile`, which is what makes decoding fast).
 
@@ -600,9 +601,14 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         negative_prompt_ids: torch.LongTensor | None,
         negative_prompt_attention_mask: torch.LongTensor | None,
     ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """The context of the unconditional rows: the negative prompt, or the prompt blanked out with `<imgpad>`."""
+        """The context of the unconditional rows: the negative prompt, or the prompt blanked out with `<imgpad>`.
+
+        A trailing `<imgbos>` stays, so that both rows of a prompt that starts in image mode are in image mode.
+        """
         if negative_prompt_ids is None:
-            return torch.full_like(input_ids, self.config.imgpad_token_id), attention_mask
+            blank = torch.full_like(input_ids, self.config.imgpad_token_id)
+            blank[:, -1] = torch.where(input_ids[:, -1] == self.config.imgbos_token_id, input_ids[:, -1], blank[:, -1])
+            return blank, attention_mask
         if negative_prompt_ids.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(
                 f"negative_prompt_ids has {negative_prompt_ids.shape[0]} rows; give 1 or one per prompt "
