@@ -152,8 +152,9 @@ def greedy(model, ids, **kwargs):
 
 def test_image_only_answer_is_imgbos_codes_imgend():
     model = tiny_model()
-    answer = model.generate(image_prompt(), pixel_values=torch.randn(1, 3, 448, 448), max_new_tokens=40,
-                            modality="image", seed=0)[0, -(N + 3) :].tolist()
+    answer = model.generate(
+        image_prompt(), pixel_values=torch.randn(1, 3, 448, 448), max_new_tokens=40, modality="image", seed=0
+    )[0, -(N + 3) :].tolist()
     assert answer[0] == IMGBOS and answer[N + 1] == IMGEND and answer[N + 2] == EOS
     assert all(CODE0 <= token < CODE0 + 64 for token in answer[1 : N + 1])
     images = model.vqgan.decode(torch.tensor(answer[1 : N + 1]).view(1, 4, 4) - CODE0, output_type="pil")
@@ -315,6 +316,8 @@ def test_impossible_configs_fail_at_construction_naming_the_field(overrides, fie
 
 
 def test_256_codes_per_image_is_supported():
-    config = tiny_config(num_image_codes=256, vqgan_config={**tiny_config().vqgan_config.to_dict(),
-                                                            "channel_multiplier": [1, 1, 1, 1, 2]})
+    config = tiny_config(
+        num_image_codes=256,
+        vqgan_config={**tiny_config().vqgan_config.to_dict(), "channel_multiplier": [1, 1, 1, 1, 2]},
+    )
     assert config.image_grid_size == 16 and config.generated_image_size == 256
