@@ -90,16 +90,18 @@ def time_image(model, prompt, cache: str, guidance: float | None) -> tuple[float
     settings = {"cache_implementation": cache, "guidance_scale": guidance, "image_top_k": 2000}
     num_codes = model.config.num_image_codes
 
-    def run(max_new_tokens: int) -> float:
+    def timed(function) -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=max_new_tokens, seed=0, **settings)
+        function()
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run(num_codes + 1)  # warm-up (compilation for the static cache)
-    prefill = min(run(1) for _ in range(3))
-    whole = run(num_codes + 1)
+    rows = 2 if guidance else 1
+    with torch.no_grad():
+        prefill = min(timed(lambda: model(prompt.expand(rows, -1), logits_to_keep=1)) for _ in range(3))
+    timed(lambda: model.generate(prompt, max_new_tokens=num_codes + 1, seed=0, **settings))  # warm-up / compile
+    whole = timed(lambda: model.generate(prompt, max_new_tokens=num_codes + 1, seed=0, **settings))
     return prefill, whole
 
 
