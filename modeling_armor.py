@@ -479,8 +479,13 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
 
         generators = _row_generators(generator, seed, batch_size, device)
         text_warpers = _warpers(settings.temperature, settings.top_k, settings.top_p)
-        image_warpers = _warpers(settings.image_temperature, settings.image_top_k, settings.image_top_p)
-        guidance = ClassifierFreeGuidanceLogitsProcessor(settings.guidance_scale) if use_guidance else None
+        image_sampler = ImageCodeSampler(
+            guidance=ClassifierFreeGuidanceLogitsProcessor(settings.guidance_scale) if use_guidance else None,
+            warpers=_warpers(settings.image_temperature, settings.image_top_k, settings.image_top_p),
+            do_sample=settings.image_do_sample,
+            generators=generators,
+            batch_size=batch_size,
+        )
         eos_ids = torch.tensor(settings.eos_token_ids, device=device, dtype=torch.long)
 
         # Per-row state: codes emitted in the current image (-1 in text mode), images finished, answer ended.
@@ -490,58 +495,76 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         answer = torch.full((batch_size, max_new_tokens), settings.pad_token_id, dtype=torch.long, device=device)
         progress = None
 
-        for step in range(max_new_tokens):
-            remaining = max_new_tokens - step
-            tokens = torch.full((batch_size,), settings.pad_token_id, dtype=torch.long, device=device)
+        step = 0
+        while step < max_new_tokens:
             in_image = (codes_done >= 0) & ~finished
             wants_code = in_image & (codes_done < num_codes)
+
+            # Fast path: every unfinished row is inside an image, so the next steps are codes for all of them.
+            # They run without reading anything back from the device, so the host queues steps ahead of the GPU.
+            if bool((wants_code | finished).all()):
+                run_length = int((num_codes - codes_done[wants_code]).min())
+                rows = wants_code.nonzero().squeeze(1)
+                for _ in range(run_length):
+                    codes = image_sampler(image_logits, rows)
+                    tokens = torch.full((batch_size,), settings.pad_token_id, dtype=torch.long, device=device)
+                    tokens[rows] = codes + config.image_code_offset
+                    answer[:, step] = tokens
+                    step += 1
+                    progress = _update_progress(progress, progress_bar, num_codes)
+                    text_logits, image_logits = step_fn(
+                        (torch.cat([tokens, tokens]) if use_guidance else tokens).unsqueeze(1),
+                        next_positions,
+                        full_mask if static else full_mask[:, : model_length + step],
+                        cache,
+                        False,
+                        True,
+                    )
+                    next_positions = next_positions + 1
+                codes_done = torch.where(wants_code, codes_done + run_length, codes_done)
+                continue
+
+            remaining = max_new_tokens - step
+            tokens = torch.full((batch_size,), settings.pad_token_id, dtype=torch.long, device=device)
             wants_end = in_image & (codes_done == num_codes)
             in_text = ~in_image & ~finished
-
             if wants_code.any():
                 rows = wants_code.nonzero().squeeze(1)
-                scores = image_logits[rows, 2:]
-                if guidance is not None:
-                    uncond_scores = image_logits[rows + batch_size, 2:]
-                    scores = guidance(answer[rows, :step], torch.cat([scores, uncond_scores]))
-                scores = image_warpers(answer[rows, :step], scores.float())
-                codes = _sample(scores, settings.image_do_sample, generators, rows)
+                codes = image_sampler(image_logits, rows)
                 tokens[rows] = codes + config.image_code_offset
+                progress = _update_progress(progress, progress_bar, num_codes)
             tokens[wants_end] = config.imgend_token_id
-
             if in_text.any():
                 rows = in_text.nonzero().squeeze(1)
-                scores = text_logits[rows].float()
-                if settings.modality == "text" or remaining < num_codes + 2:
-                    scores[:, config.imgbos_token_id] = float("-inf")
-                scores = text_warpers(answer[rows, :step], scores)
-                sampled = _sample(scores, settings.do_sample, generators, rows)
                 if settings.modality == "image":
-                    forced = torch.where(images_done[rows] == 0, config.imgbos_token_id, self._end_token(settings))
-                    sampled = forced
-                tokens[rows] = sampled
+                    tokens[rows] = torch.where(images_done[rows] == 0, config.imgbos_token_id, settings.pad_token_id)
+                    if settings.eos_token_ids:
+                        tokens[rows] = torch.where(images_done[rows] == 0, tokens[rows], settings.eos_token_ids[0])
+                else:
+                    scores = text_logits[rows].float()
+                    if settings.modality == "text" or remaining < num_codes + 2:
+                        scores[:, config.imgbos_token_id] = float("-inf")
+                    scores = text_warpers(None, scores)
+                    tokens[rows] = _sample(scores, settings.do_sample, generators, rows.tolist())
 
             answer[:, step] = tokens
+            step += 1
             codes_done = torch.where(wants_code, codes_done + 1, codes_done)
             codes_done = torch.where(wants_end, -1, codes_done)
             codes_done = torch.where(in_text & (tokens == config.imgbos_token_id), 0, codes_done)
             images_done = images_done + wants_end.long()
-            ends_turn = in_text & torch.isin(tokens, eos_ids)
+            finished = finished | (in_text & torch.isin(tokens, eos_ids))
             if settings.modality == "image":
-                ends_turn = ends_turn | (wants_end & (remaining == 1))
-            finished = finished | ends_turn | (in_text & (tokens == -1))
-            progress = _update_progress(progress, progress_bar, wants_code, codes_done, num_codes)
-            if finished.all() or step == max_new_tokens - 1:
+                finished = finished | (in_text & (images_done > 0))
+            if finished.all() or step == max_new_tokens:
                 break
 
-            step_ids = torch.cat([tokens, tokens]) if use_guidance else tokens
             # Rows past their end keep being fed (pad); their output is ignored.
-            need_text = bool((~(codes_done >= 0) & ~finished).any())
-            length = model_length + step + 1
+            need_text = bool(((codes_done < 0) & ~finished).any())
             text_logits, image_logits = step_fn(
-                step_ids.unsqueeze(1),
+                (torch.cat([tokens, tokens]) if use_guidance else tokens).unsqueeze(1),
                 next_positions,
-                full_mask if static else full_mask[:, :length],
+                full_mask if static else full_mask[:, : model_length + step],
                 cache,
                 need_text,
                 need_adapter,
@@ -550,12 +573,7 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
 
         if progress is not None:
             progress.close()
-        answer = answer[:, : step + 1]
-        return torch.cat([input_ids, answer], dim=1)
-
-    def _end_token(self, settings: GenerationConfig) -> int:
-        """The token that closes an image-only answer: end of turn if the config names one."""
-        return settings.eos_token_ids[0] if settings.eos_token_ids else -1
+        return torch.cat([input_ids, answer[:, :step]], dim=1)
 
     def _generation_settings(self, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
         """The checkpoint's generation config, overridden by `generation_config` and keyword arguments, checked."""
@@ -628,6 +646,27 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         return self._compiled_decode_step
 
 
+@dataclass
+class ImageCodeSampler:
+    """Draws codes from the visual head: codes only, guided by the unconditional twin rows, warped, then sampled."""
+
+    guidance: ClassifierFreeGuidanceLogitsProcessor | None
+    warpers: LogitsProcessorList
+    do_sample: bool
+    generators: torch.Generator | list[torch.Generator] | None
+    batch_size: int
+
+    def __call__(self, image_logits: torch.Tensor, rows: torch.LongTensor) -> torch.LongTensor:
+        scores = image_logits[rows, 2:].float()
+        if self.guidance is not None:
+            unconditional = image_logits[rows + self.batch_size, 2:].float()
+            scores = self.guidance(rows.unsqueeze(1), torch.cat([scores, unconditional]))
+        scores = self.warpers(None, scores)
+        # All rows: no read-back from the device, which keeps the fast path free of host synchronisation.
+        row_ids = range(self.batch_size) if len(rows) == self.batch_size else rows.tolist()
+        return _sample(scores, self.do_sample, self.generators, row_ids)
+
+
 # Settings `generate` reads beyond transformers' own, with their defaults when a generation config lacks them.
 ARMOR_GENERATION_DEFAULTS = {
     "modality": "auto",
@@ -671,7 +710,7 @@ def _sample(
     scores: torch.Tensor,
     do_sample: bool,
     generators: torch.Generator | list[torch.Generator] | None,
-    rows: torch.LongTensor,
+    rows: list[int] | range,
 ) -> torch.LongTensor:
     """Greedy, or one draw per row from softmax(scores) (exponential race, as gpt-fast), per-row generators allowed."""
     if not do_sample:
@@ -679,24 +718,24 @@ def _sample(
     probs = scores.softmax(dim=-1)
     noise = torch.empty_like(probs)
     if isinstance(generators, list):
-        for i, row in enumerate(rows.tolist()):
+        for i, row in enumerate(rows):
             noise[i].exponential_(generator=generators[row])
     else:
         noise.exponential_(generator=generators)
     return (probs / noise).argmax(dim=-1)
 
 
-def _update_progress(progress, enabled: bool, wants_code: torch.Tensor, codes_done: torch.Tensor, num_codes: int):
-    """A tqdm bar over the image tokens of the current image (any row)."""
-    if not enabled or not wants_code.any():
-        return progress
+def _update_progress(progress, enabled: bool, num_codes: int):
+    """A tqdm bar over the codes of the image being drawn (one tick per step that draws codes)."""
+    if not enabled:
+        return None
     from tqdm.auto import tqdm
 
     if progress is None or progress.n >= num_codes:
         if progress is not None:
             progress.close()
         progress = tqdm(total=num_codes, desc="image tokens", unit="tok")
-    progress.update(int(codes_done[wants_code].max()) - progress.n)
+    progress.update(1)
     return progress
 
 
