@@ -340,6 +340,105 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         model.vqgan = vqgan.to(model.lm_head.weight.device).eval()
         return model
 
+    # ---------------------------------------------------------------------------------------------------- chat
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.FloatTensor | None,
+        question: str,
+        generation_config: dict | GenerationConfig | None = None,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        system_message: str | None = None,
+        verbose: bool = False,
+    ):
+        """InternVL2.5's `chat()`: one question (with optional image tiles and history) in, the answer out.
+
+        The answer is an `ArmorAnswer`: a `str` holding the answer's text, so that tools written for InternVL
+        (VLMEvalKit's wrapper) keep working, with `.segments`, the answer as text and PIL images in order.
+        """
+        answers, history = self._chat(
+            tokenizer, pixel_values, [question], generation_config, history, num_patches_list, system_message
+        )
+        if verbose:
+            print(f"User: {question}\nAssistant: {answers[0]}")
+        return (answers[0], history) if return_history else answers[0]
+
+    def batch_chat(
+        self,
+        tokenizer,
+        pixel_values: torch.FloatTensor | None,
+        questions: list[str],
+        generation_config: dict | GenerationConfig | None = None,
+        num_patches_list: list[int] | None = None,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        system_message: str | None = None,
+    ) -> list:
+        """InternVL2.5's `batch_chat()`: one question per row, `num_patches_list[i]` tiles of `pixel_values` each."""
+        if history is not None or return_history:
+            raise NotImplementedError("batch_chat does not take a history; call chat() per conversation.")
+        answers, _ = self._chat(
+            tokenizer, pixel_values, list(questions), generation_config, None, num_patches_list, system_message
+        )
+        return answers
+
+    def _chat(self, tokenizer, pixel_values, questions, generation_config, history, num_patches_list, system_message):
+        from .processing_armor import ArmorProcessor, build_internvl_prompt
+
+        processor = ArmorProcessor(
+            tokenizer=tokenizer,
+            image_seq_length=self.config.image_seq_length,
+            num_image_codes=self.config.num_image_codes,
+            vqgan=self.vqgan,
+        )
+        if num_patches_list is None:
+            num_patches_list = [] if pixel_values is None else [pixel_values.shape[0]] * (len(questions) == 1)
+        if pixel_values is not None and len(questions) > 1 and len(num_patches_list) != len(questions):
+            raise ValueError(f"batch_chat needs one num_patches_list entry per question ({len(questions)}).")
+        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches_list {num_patches_list} adds up to {sum(num_patches_list)} tiles but pixel_values "
+                f"has {pixel_values.shape[0]}."
+            )
+        prompts = []
+        for index, question in enumerate(questions):
+            tiles = num_patches_list[index : index + 1] if len(questions) > 1 else num_patches_list
+            if history is None and tiles and "<image>" not in question:
+                question = "<image>\n" + question
+            if question.count("<image>") != len(tiles):
+                raise ValueError(
+                    f"The question has {question.count('<image>')} <image> placeholders but {len(tiles)} images."
+                )
+            questions[index] = question
+            prompt = build_internvl_prompt(question, history, system_message)
+            prompts.append(processor._expand_image_placeholders(prompt, tiles))
+        inputs = processor.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        settings = (
+            generation_config.to_dict()
+            if isinstance(generation_config, GenerationConfig)
+            else dict(generation_config or {})
+        )
+        if settings.pop("num_beams", 1) not in (None, 1):
+            raise ValueError(
+                "ARMOR's generate samples or decodes greedily; beam search (num_beams > 1) is not supported."
+            )
+        settings.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        device = self.lm_head.weight.device
+        sequences = self.generate(
+            inputs["input_ids"].to(device),
+            pixel_values=None if pixel_values is None else pixel_values.to(device, self.dtype),
+            attention_mask=inputs["attention_mask"].to(device),
+            **settings,
+        )
+        answers = [
+            ArmorAnswer.from_segments(processor.decode(row)) for row in sequences[:, inputs["input_ids"].shape[1] :]
+        ]
+        history = list(history or []) + [(questions[0], str(answers[0]))]
+        return answers, history
+
     # ------------------------------------------------------------------------------------------------ generate
 
     def decode_step(
@@ -382,6 +481,7 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         progress_bar: bool = False,
+        num_patches_list: list[int] | None = None,
         **kwargs,
     ) -> torch.LongTensor:
         r"""
@@ -418,6 +518,8 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
             generator: one `torch.Generator` for the batch, or one per row.
             seed: seeds one generator per row, so that each row gets what it would get alone with that seed.
             progress_bar: show a progress bar over the image tokens.
+            num_patches_list: tiles per input image, as `ArmorProcessor` returns it; not needed, since the tiles'
+                features go to the `<IMG_CONTEXT>` runs in order, but accepted so that `generate(**inputs)` works.
 
         Returns:
             `torch.LongTensor` of shape `(batch, length + new_tokens)`: the prompt, then the answer (rows that ended
@@ -644,6 +746,22 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         if getattr(self, "_compiled_decode_step", None) is None:
             self._compiled_decode_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
         return self._compiled_decode_step
+
+
+class ArmorAnswer(str):
+    """An answer from `chat()`: the `str` is its text; `.segments` holds text and PIL images in answer order."""
+
+    segments: list
+
+    @classmethod
+    def from_segments(cls, segments: list) -> "ArmorAnswer":
+        answer = cls("".join(segment for segment in segments if isinstance(segment, str)).strip())
+        answer.segments = segments
+        return answer
+
+    @property
+    def images(self) -> list:
+        return [segment for segment in self.segments if not isinstance(segment, str)]
 
 
 @dataclass

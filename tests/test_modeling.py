@@ -321,3 +321,25 @@ def test_256_codes_per_image_is_supported():
         vqgan_config={**tiny_config().vqgan_config.to_dict(), "channel_multiplier": [1, 1, 1, 1, 2]},
     )
     assert config.image_grid_size == 16 and config.generated_image_size == 256
+
+
+def test_chat_answers_like_internvl_with_text_and_segments():
+    from conftest import FIXTURES
+
+    from armor.convert_tokenizer import convert_tokenizer
+
+    tokenizer = convert_tokenizer(FIXTURES / "internvl2_5-tiny-qwen2", vocab_size=1012)
+    model = tiny_model(vocab_size=1012, image_token_id=1005, image_start_token_id=1003, image_end_token_id=1004)
+    pixel_values = torch.randn(2, 3, 448, 448)
+    answer, history = model.chat(
+        tokenizer, pixel_values, "Describe.", {"max_new_tokens": 60, "do_sample": False}, return_history=True
+    )
+    assert isinstance(answer, str) and answer.segments
+    assert answer == "".join(s for s in answer.segments if isinstance(s, str)).strip()
+    assert history == [("<image>\nDescribe.", str(answer))]
+    answers = model.batch_chat(
+        tokenizer, pixel_values, ["One?", "Two?"], {"max_new_tokens": 8}, num_patches_list=[1, 1]
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="tiles"):
+        model.chat(tokenizer, pixel_values, "Describe.", {"max_new_tokens": 4}, num_patches_list=[1])

@@ -10,7 +10,9 @@ IMG_CONTEXT, IMG_START, IMG_END = 100, 101, 102
 EOS = 5
 
 
-def tiny_config(llm: str = "qwen2", num_image_codes: int = 16, **overrides) -> ArmorConfig:
+def tiny_config(
+    llm: str = "qwen2", num_image_codes: int = 16, vocab_size: int = VOCAB_SIZE, **overrides
+) -> ArmorConfig:
     """A 2-layer LLM of the given family, a 1-layer ViT, a 2-level VQGAN with 64 codes (2x downsampling)."""
     text_config = {
         "model_type": llm,
@@ -19,7 +21,7 @@ def tiny_config(llm: str = "qwen2", num_image_codes: int = 16, **overrides) -> A
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "vocab_size": VOCAB_SIZE,
+        "vocab_size": vocab_size,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "eos_token_id": EOS,
