@@ -6,7 +6,7 @@ Builds a synthetic release-format checkpoint (InternViT-300M + InternLM2.5-7B: h
 Chameleon's real shapes (8192 codes), then converts them. Each phase runs in its own process, which reports its wall
 time and peak RSS (`resource.getrusage`), so the numbers are the converter's alone.
 
-    python benchmarks/bench_convert.py                      # the 8B shapes (~17 GB source + ~19 GB output)
+    python benchmarks/bench_convert.py                      # the 8B shapes (15 GiB source + 17 GiB output)
     python benchmarks/bench_convert.py --llm-layers 8 32    # same widths, two depths: peak RSS must not grow
 
 Needs about twice the checkpoint size free on --workdir's disk; everything is deleted afterwards unless --keep.
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,10 +37,8 @@ SPM_PIECES = 92544  # InternLM2.5's sentencepiece vocabulary; InternVL's 9 added
 
 
 def import_converter():
-    if "armor" not in sys.modules:
-        package = types.ModuleType("armor")
-        package.__path__ = [str(REPO_ROOT)]
-        sys.modules["armor"] = package
+    sys.path.insert(0, str(REPO_ROOT))
+    import armor_package  # noqa: F401  (registers the package `armor`)
     from armor import convert_checkpoint
 
     return convert_checkpoint
@@ -271,7 +268,7 @@ def main():
             shutil.rmtree(base, ignore_errors=True)
 
     print(f"InternVL2.5-8B shapes (InternViT-300M + InternLM2.5-7B, bfloat16), Python {sys.version.split()[0]}")
-    print(f"| LLM layers | phase | data written (GiB) | wall time (s) | peak RSS (GiB) |")
+    print("| LLM layers | phase | data written (GiB) | wall time (s) | peak RSS (GiB) |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for layers, phase, size, numbers in rows:
         print(f"| {layers} | {phase} | {size:.2f} | {numbers['wall_s']:.1f} | {numbers['peak_rss_gib']:.2f} |")

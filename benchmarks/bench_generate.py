@@ -13,16 +13,15 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-package = types.ModuleType("armor")
-package.__path__ = [str(REPO_ROOT)]
-sys.modules.setdefault("armor", package)
+sys.path.insert(0, str(REPO_ROOT))
+import armor_package  # noqa: F401,E402  (registers the package `armor`)
 
+# isort: split
 from armor.configuration_armor import ArmorConfig  # noqa: E402
 from armor.modeling_armor import ArmorForConditionalGeneration  # noqa: E402
 
@@ -105,28 +104,6 @@ def time_image(model, prompt, cache: str, guidance: float | None) -> tuple[float
     return prefill, whole
 
 
-def compiled_step_ms(model, prompt, steps: int = 50) -> float:
-    """GPU time of the compiled image step alone: the floor the generation loop can reach at this batch size."""
-    from transformers.cache_utils import StaticCache
-
-    length = prompt.shape[1] + 8
-    cache = StaticCache(config=model.config.get_adapter_text_config(), max_cache_len=length)
-    mask = torch.ones(1, length, dtype=torch.long, device=prompt.device)
-    with torch.no_grad():
-        model(prompt, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        step = model._decode_step_function(static=True)
-        token = prompt[:, -1:].clone().fill_(model.config.image_code_offset)
-        position = torch.full_like(token, prompt.shape[1])
-        for _ in range(3):
-            step(token, position, mask, cache, False, True)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(token, position, mask, cache, False, True)
-        torch.cuda.synchronize()
-    return round((time.perf_counter() - start) / steps * 1e3, 2)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_generate.json"))
@@ -157,7 +134,6 @@ def main():
                 }
             )
             print(rows[-1], flush=True)
-    step_ms = compiled_step_ms(model, prompt) if "static" in args.modes else None
     result = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -166,15 +142,12 @@ def main():
         "weight_bytes_per_image_token": weight_bytes,
         "copy_bandwidth_TBps": round(bandwidth / 1e12, 2),
         "bandwidth_limit_ms_per_token": round(limit_ms, 2),
-        "compiled_step_gpu_ms": step_ms,
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n{result['gpu']}, torch {result['torch']}; {result['shapes']}")
     gigabytes, terabytes_per_s = weight_bytes / 1e9, bandwidth / 1e12
     print(f"bandwidth limit: {gigabytes:.2f} GB per image token / {terabytes_per_s:.2f} TB/s = {limit_ms:.2f} ms")
-    if step_ms is not None:
-        print(f"compiled image step alone, back to back (GPU time, no sampling or bookkeeping): {step_ms} ms")
     print(f"| decode | guidance | ms / image token | s / image ({config.num_image_codes} tokens) | x limit |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
