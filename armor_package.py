@@ -11,6 +11,8 @@ import types
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
+# The modules a checkpoint folder carries beside its weights, for `trust_remote_code`.
+CODE_FILES = ("configuration_armor.py", "modeling_armor.py", "modeling_vqgan.py", "processing_armor.py")
 
 if "armor" not in sys.modules:
     _package = types.ModuleType("armor")

@@ -34,12 +34,11 @@ from safetensors import safe_open
 from transformers import InternVLConfig, InternVLForConditionalGeneration, LlamaConfig, Qwen2Config
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from armor_package import REPO_ROOT  # importing it registers the package `armor`
+from armor_package import CODE_FILES, REPO_ROOT  # importing it registers the package `armor`
 
 # isort: split
 from armor.configuration_armor import ArmorConfig, ArmorVQGANConfig
 
-CODE_FILES = ("configuration_armor.py", "modeling_armor.py", "modeling_vqgan.py", "processing_armor.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_armor.ArmorConfig",
     "AutoModel": "modeling_armor.ArmorForConditionalGeneration",

@@ -118,7 +118,9 @@ class ArmorPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["InternVLVisionLayer", "LlamaDecoderLayer", "Qwen2DecoderLayer", "ArmorVQGANModel"]
+    # The vision and decoder layer classes come from the submodels (`post_init` gathers theirs), so that FSDP's
+    # auto-wrap only sees classes this model holds.
+    _no_split_modules = ["ArmorVQGANModel"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True

@@ -237,11 +237,8 @@ class ArmorVQGANModel(PreTrainedModel):
     config_class = ArmorVQGANConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = [
-        "ChameleonVQVAEEncoderResnetBlock",
-        "ChameleonVQVAEEncoderAttnBlock",
-        "ChameleonVQVAEVectorQuantizer",
-    ]
+    # Small enough to stay whole: the ARMOR model lists this class itself in its `_no_split_modules`.
+    _no_split_modules = None
 
     def __init__(self, config: ArmorVQGANConfig):
         super().__init__(config)

@@ -35,7 +35,7 @@ import yaml
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from armor_package import REPO_ROOT  # importing it registers the package `armor`
+from armor_package import CODE_FILES, REPO_ROOT  # importing it registers the package `armor`
 
 # isort: split
 from armor.configuration_armor import ArmorConfig
@@ -43,7 +43,6 @@ from armor.modeling_armor import ArmorForConditionalGeneration
 from armor.processing_armor import ArmorProcessor
 from armor.wohg_data import WoHGDataset, build_collator, vqgan_folder_of
 
-CODE_FILES = ("configuration_armor.py", "modeling_armor.py", "modeling_vqgan.py", "processing_armor.py")
 SUMMARY_FILE = "wohg_training.json"
 
 # ---------------------------------------------------------------------------------------------------------------------

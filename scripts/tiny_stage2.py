@@ -168,7 +168,14 @@ def run(args, out: Path, work: Path) -> dict:
         "parameters": {row["part"]: [row["parameters"], row["trainable"]] for row in summary["parameters"]},
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(f"\ntiny stage 2 on {result['device']} (summary.json, loss.csv, sample.png in {out})")
+    print("| steps | batch | records | train (s) | steps/s | image loss first -> last | frozen weights unchanged |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {result['steps']} | {args.batch_size} | {result['records']} | {result['train_s']} | "
+        f"{result['steps_per_s']} | {result['image_loss_first']:.3f} -> {result['image_loss_last']:.3f} | "
+        f"{result['frozen_weights_bitwise_equal']} |"
+    )
     return result
 
 

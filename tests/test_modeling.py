@@ -60,6 +60,15 @@ def test_adapter_layers_are_the_llms_own_kind_and_follow_it_in_the_cache():
     assert model.imgbos_head.weight.shape == (1, 64)
 
 
+@pytest.mark.parametrize("llm, decoder_layer", [("qwen2", "Qwen2DecoderLayer"), ("llama", "LlamaDecoderLayer")])
+def test_no_split_modules_name_only_classes_the_model_holds(llm, decoder_layer):
+    """FSDP auto-wrap (and device_map) look these names up in the model and fail on any it does not hold."""
+    model = tiny_model(llm)
+    held = {type(module).__name__ for module in model.modules()}
+    assert set(model._no_split_modules) == {decoder_layer, "InternVLVisionLayer", "ArmorVQGANModel"}
+    assert set(model._no_split_modules) <= held
+
+
 def test_image_mode_mask_is_the_switching_rule():
     config = tiny_config()
     ids = torch.tensor([[7, IMGBOS, CODE0, CODE0 + 63, IMGEND, 8, IMGPAD]])
