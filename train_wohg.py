@@ -221,6 +221,8 @@ def resolve_options(stage: int, cli: dict, config_file: dict) -> dict:
         or not (options["text_loss_weight"] or options["image_loss_weight"])
     ):
         raise ValueError("Loss weights must be >= 0 and not both 0.")
+    if options["frozen_dtype"] not in ("auto", "keep", "bfloat16", "float32"):
+        raise ValueError(f"--frozen-dtype must be auto, keep, bfloat16 or float32, got {options['frozen_dtype']!r}.")
     if not 0 <= options["cfg_drop_prob"] <= 1:
         raise ValueError(f"--cfg-drop-prob must be in [0, 1], got {options['cfg_drop_prob']}.")
     options["trainable"] = trainable
@@ -469,6 +471,8 @@ def train_stage(options: dict, callbacks: tuple = ()) -> Path:
     # -- the result: a complete ARMOR checkpoint ---------------------------------------------------------------------
     model.config.text_loss_weight, model.config.image_loss_weight = saved_loss_weights
     trainer.save_model(str(output_dir))
+    device = trainer.accelerator.device  # every rank: the sum over ranks is collective
+    skipped = dataset.skipped_count(lambda flags: trainer.accelerator.reduce(flags.to(device), "sum").cpu())
     if trainer.is_world_process_zero():
         finish_checkpoint_folder(output_dir, processor, vqgan_source)
         summary = {
@@ -478,7 +482,7 @@ def train_stage(options: dict, callbacks: tuple = ()) -> Path:
             "global_step": trainer.state.global_step,
             "records": len(dataset),
             "kinds": kinds,
-            "skipped_records": len(dataset.skipped),
+            "skipped_records": skipped,
             "parameters": table_rows,
             "log_history": trainer.state.log_history,
         }
@@ -522,23 +526,25 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> list[Path]:
         return [train_stage(options, callbacks)]
 
     # All three stages in order; each starts from the previous one's output; a finished stage is not run again.
-    outputs, model = [], cli.get("model", config_file.get("model"))
+    # Every stage's options are resolved and checked before any trains, so a bad stage-3 option fails at once.
+    plan, model = [], cli.get("model", config_file.get("model"))
     base = cli.get("output_dir", config_file.get("output_dir"))
     if not model or not base:
         raise ValueError("--stage all needs --model (what stage 1 starts from) and --output-dir.")
     for number in (1, 2, 3):
         stage_cli = {**cli, "model": model, "output_dir": str(Path(base) / f"stage{number}")}
-        options = resolve_options(number, stage_cli, config_file)
+        plan.append(resolve_options(number, stage_cli, config_file))
+        runtime_settings(plan[-1])  # reads the DeepSpeed config: a bad one fails now too
+        model = plan[-1]["output_dir"]
+    for options in plan:
         output = Path(options["output_dir"])
         if print_only:
             print(json.dumps(options, indent=2))
         elif (output / SUMMARY_FILE).is_file():
-            print(f"stage {number} already done: {output}")
+            print(f"stage {options['stage']} already done: {output}")
         else:
             train_stage(options, callbacks)
-        outputs.append(output)
-        model = str(output)
-    return outputs
+    return [Path(options["output_dir"]) for options in plan]
 
 
 if __name__ == "__main__":

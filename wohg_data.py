@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -68,15 +69,16 @@ from armor.processing_armor import (
     INTERNVL2_5_SYSTEM_MESSAGE,
     SYSTEM_HEADER,
     USER_HEADER,
+    VQGAN_SUBFOLDER,
     ArmorProcessor,
 )
 
 logger = logging.getLogger("wohg")
 
 IGNORE_INDEX = -100
-END_OF_TURN_TOKEN = "<|im_end|>"
+END_OF_TURN_TOKEN = END_OF_TURN.removesuffix("\n")  # "<|im_end|>": the token that ends a turn
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the codes file and its index share a random nonce (format 1 had none)
 CACHE_FOLDER = "armor_image_codes"
 KINDS = ("t2t", "ti2t", "t2i", "ti2i", "t2ti", "ti2ti")
 
@@ -92,6 +94,10 @@ class RecordError(ValueError):
 
 class CacheError(RuntimeError):
     """The image-code cache is missing, stale or built for another VQGAN; the message says what to run."""
+
+
+class InconsistentCacheError(CacheError):
+    """A cache whose codes file and index do not belong together (a crash while writing) or of an unknown format."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -336,14 +342,16 @@ def cache_dir_for(source: Path) -> Path:
 
 def vqgan_folder_of(model: str | os.PathLike) -> Path:
     """The local `vqgan/` folder of an ARMOR checkpoint (a local folder, or a Hub repo fetched to the HF cache)."""
-    folder = Path(model) / "vqgan"
+    folder = Path(model) / VQGAN_SUBFOLDER
     if folder.is_dir():
         return folder
     if Path(model).exists():
-        raise FileNotFoundError(f"{model} has no vqgan/ folder; an ARMOR checkpoint keeps its VQGAN there.")
+        raise FileNotFoundError(
+            f"{model} has no {VQGAN_SUBFOLDER}/ folder; an ARMOR checkpoint keeps its VQGAN there."
+        )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model), allow_patterns=["vqgan/*"])) / "vqgan"
+    return Path(snapshot_download(str(model), allow_patterns=[f"{VQGAN_SUBFOLDER}/*"])) / VQGAN_SUBFOLDER
 
 
 def vqgan_fingerprint(vqgan_folder: Path) -> str:
@@ -381,22 +389,55 @@ def file_sha256(path: Path) -> str:
 class ImageCodeCache:
     """The codes of one data source's target images for one VQGAN at one image size (read-only, opened lazily)."""
 
-    def __init__(self, directory: Path, fingerprint: str, image_size: int, num_codes: int):
+    def __init__(
+        self, directory: Path, fingerprint: str, image_size: int, num_codes: int, discard_invalid: bool = False
+    ):
+        """
+        An index of an unknown format, or one whose codes file is not the one written with it (a crash between the
+        two renames of `_write_cache`), raises InconsistentCacheError; with `discard_invalid` (tokenize, which
+        rebuilds it) the cache is treated as empty and `discarded` says why.
+        """
         self.directory = directory
         self.base = directory.parent
         self.name = cache_name(fingerprint, image_size)
         self.index_path = directory / f"{self.name}.json"
         self.codes_path = directory / f"{self.name}.safetensors"
         self.fingerprint, self.image_size, self.num_codes = fingerprint, image_size, num_codes
-        self.entries, self.bad = {}, {}
+        self.entries, self.bad, self.discarded = {}, {}, None
         if self.index_path.is_file():
             index = json.loads(self.index_path.read_text())
-            if index.get("vqgan_fingerprint") != fingerprint or index.get("num_codes") != num_codes:
+            problem = self._inconsistency(index)
+            if problem and not discard_invalid:
+                raise InconsistentCacheError(
+                    f"Stale/inconsistent image-code cache: {problem}. Re-run `python wohg_data.py tokenize ...` "
+                    "(same --data and --model), which rebuilds it."
+                )
+            if problem:
+                self.discarded = problem
+            elif index.get("vqgan_fingerprint") != fingerprint or index.get("num_codes") != num_codes:
                 raise CacheError(
                     f"{self.index_path} was written for another VQGAN or grid; delete it and re-run tokenize."
                 )
-            self.entries, self.bad = index["entries"], index.get("bad", {})
+            else:
+                self.entries, self.bad = index["entries"], index.get("bad", {})
         self._codes = None
+
+    def _inconsistency(self, index: dict) -> str | None:
+        """Why the index and the codes file cannot be used together, or None (format and shared nonce checked)."""
+        if index.get("format") != CACHE_FORMAT:
+            return f"{self.index_path} has cache format {index.get('format')!r}; this code reads format {CACHE_FORMAT}"
+        if not self.codes_path.is_file():
+            return f"{self.index_path} has no codes file {self.codes_path.name} beside it"
+        from safetensors import safe_open
+
+        with safe_open(str(self.codes_path), framework="pt") as codes:
+            nonce = (codes.metadata() or {}).get("nonce")
+        if nonce is None or nonce != index.get("nonce"):
+            return (
+                f"{self.codes_path} was not written with its index {self.index_path.name} (an interrupted tokenize?), "
+                "so the index's rows may point at other images' codes"
+            )
+        return None
 
     @property
     def exists(self) -> bool:
@@ -462,9 +503,13 @@ def check_cache(
         raise CacheError(
             f"The image-code cache {cache.name} (this model's VQGAN at {cache.image_size}px) {state}: "
             f"{'; '.join(lines)}.{hint} Encode the target images once (only new or changed ones are encoded):\n"
-            f"    python wohg_data.py tokenize --data {' '.join(str(source) for source in sources)} --model {model}"
+            f"    {tokenize_command(sources, model)}"
         )
     return bad
+
+
+def tokenize_command(sources: list[Path], model: str) -> str:
+    return f"python wohg_data.py tokenize --data {' '.join(str(source) for source in sources)} --model {model}"
 
 
 @dataclass
@@ -548,7 +593,9 @@ def tokenize_images(
         log(f"skipped: {message}")
 
     for source_index, source in enumerate(sources):
-        cache = ImageCodeCache(cache_dir_for(source), fingerprint, image_size, num_codes)
+        cache = ImageCodeCache(cache_dir_for(source), fingerprint, image_size, num_codes, discard_invalid=True)
+        if cache.discarded:
+            log(f"rebuilding the cache: {cache.discarded}")
         owners = {}
         for conversation in conversations:
             if conversation.source == source_index:
@@ -614,16 +661,22 @@ def tokenize_images(
 
 
 def _write_cache(cache: ImageCodeCache, entries: dict, bad: dict, rows: list, num_codes: int, dtype: torch.dtype):
-    """Write codes and index beside each other, each through a temporary file, so a crash leaves the old cache."""
+    """
+    Write codes and index beside each other, each through a temporary file and a rename. Both carry the same random
+    nonce: a crash between the two renames leaves new codes beside the old index, which reading then refuses
+    (InconsistentCacheError) instead of serving renumbered rows; tokenize rebuilds such a cache.
+    """
     from safetensors.torch import save_file
 
     cache.directory.mkdir(parents=True, exist_ok=True)
+    nonce = secrets.token_hex(16)
     codes = torch.stack(rows) if rows else torch.zeros(0, num_codes, dtype=dtype)
     temporary = cache.codes_path.with_suffix(".tmp")
-    save_file({"codes": codes.contiguous()}, str(temporary))
+    save_file({"codes": codes.contiguous()}, str(temporary), metadata={"format": str(CACHE_FORMAT), "nonce": nonce})
     os.replace(temporary, cache.codes_path)
     index = {
         "format": CACHE_FORMAT,
+        "nonce": nonce,
         "vqgan_fingerprint": cache.fingerprint,
         "image_size": cache.image_size,
         "num_codes": num_codes,
@@ -816,7 +869,12 @@ class WoHGDataset(torch.utils.data.Dataset):
         self.caches = []
         if any(c.images(True) for c in conversations):
             fingerprint = vqgan_fingerprint(vqgan_folder_of(model))
-            self.caches = [ImageCodeCache(cache_dir_for(s), fingerprint, image_size, num_codes) for s in self.sources]
+            try:
+                self.caches = [
+                    ImageCodeCache(cache_dir_for(s), fingerprint, image_size, num_codes) for s in self.sources
+                ]
+            except InconsistentCacheError as error:
+                raise InconsistentCacheError(f"{error}\n    {tokenize_command(self.sources, model)}") from None
             bad = {id(c): (c, p, why) for c, p, why in check_cache(conversations, self.caches, model, self.sources)}
             for conversation, path, why in bad.values():
                 error = RecordError(
@@ -830,6 +888,25 @@ class WoHGDataset(torch.utils.data.Dataset):
         if not conversations:
             raise ValueError(f"No usable records in {[str(s) for s in self.sources]} ({len(self.skipped)} skipped).")
         self.conversations = conversations
+        # Records that fail only while loading (an input image unreadable by then, no answer within max_length):
+        # flags in shared memory, so that those met in DataLoader worker processes are counted too.
+        self.skipped_at_start = len(self.skipped)
+        self.skipped_while_loading = torch.zeros(len(conversations), dtype=torch.bool).share_memory_()
+
+    def skip_while_loading(self, index: int, error: RecordError):
+        """Leave out a record that failed while loading: logged, and counted once however often it is met."""
+        logger.warning("skipped while loading: %s", error)
+        self.skipped_while_loading[index] = True  # shared with every DataLoader worker: `skipped_count`
+        if str(error) not in self.skipped[self.skipped_at_start :]:
+            self.skipped.append(str(error))  # the messages of this process only
+
+    def skipped_count(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+        """
+        Records left out: at construction and while loading, in this process or any DataLoader worker. `reduce`
+        sums the int flags over ranks (distributed training: each rank loads only its share of the records).
+        """
+        flags = self.skipped_while_loading.int()
+        return self.skipped_at_start + int(((reduce(flags) if reduce else flags) > 0).sum())
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -859,7 +936,7 @@ class WoHGDataset(torch.utils.data.Dataset):
             except RecordError as error:
                 if not self.skip_bad_records:
                     raise
-                logger.warning("skipped while loading: %s", error)
+                self.skip_while_loading((index + attempt) % len(self), error)
                 continue
             return {
                 "input_ids": torch.tensor(sample.input_ids, dtype=torch.long),
@@ -966,10 +1043,18 @@ def main(argv: list[str] | None = None) -> int:
         config.num_image_codes,
         skip_bad_records=args.skip_bad_records,
     )
-    lengths = [len(dataset.sample(i).input_ids) for i in range(len(dataset))]
+    lengths = []
+    for index in range(len(dataset)):
+        try:
+            lengths.append(len(dataset.sample(index).input_ids))
+        except RecordError as error:
+            if not args.skip_bad_records:
+                raise
+            dataset.skip_while_loading(index, error)
     kinds = ", ".join(f"{kind}: {dataset.kinds().get(kind, 0)}" for kind in KINDS)
-    print(f"{len(dataset)} records ({kinds}); {len(dataset.skipped)} skipped")
-    print(f"tokens per record: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
+    print(f"{len(dataset)} records ({kinds}); {dataset.skipped_count()} skipped")
+    if lengths:
+        print(f"tokens per record: min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     return 0
 
 

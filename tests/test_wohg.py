@@ -201,6 +201,72 @@ def test_missing_or_stale_cache_stops_with_the_command_to_run(data, checkpoint, 
         wohg_data.WoHGDataset([copy], processor, str(checkpoint), 128, NUM_CODES)
 
 
+def test_interrupted_tokenize_cannot_leave_an_index_pointing_at_renumbered_rows(data, checkpoint, processor, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    # Without green.png the kept rows are renumbered (blue 0, yellow 2 -> 1): the old index would point past them.
+    write_jsonl(copy / "part-a.jsonl", [r for r in RECORDS_A if r["id"] != "t2i"])
+    write_jsonl(copy / "part-b.jsonl", [r for r in RECORDS_B if r["id"] != "ti2ti"])
+    real_replace = wohg_data.os.replace
+
+    def crash_before_the_index(source, target):
+        if str(target).endswith(".json"):
+            raise KeyboardInterrupt("killed between the two renames")
+        real_replace(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wohg_data.os, "replace", crash_before_the_index)
+        with pytest.raises(KeyboardInterrupt):
+            wohg_data.tokenize_images([copy], str(checkpoint), num_workers=0, progress=False, log=lambda _: None)
+    with pytest.raises(
+        wohg_data.InconsistentCacheError,
+        match=r"(?s)Stale/inconsistent image-code cache: .*not written with its index.*Re-run `python wohg_data.py "
+        r"tokenize \.\.\.`.*\n    python wohg_data.py tokenize --data",
+    ):
+        make_dataset(copy, processor, checkpoint)
+    logs = []
+    summary = wohg_data.tokenize_images([copy], str(checkpoint), num_workers=0, progress=False, log=logs.append)
+    assert (summary["encoded"], summary["kept"]) == (2, 0) and logs[0].startswith("rebuilding the cache: ")
+    dataset = make_dataset(copy, processor, checkpoint)
+    drawing = ArmorProcessor.from_pretrained(checkpoint)
+    drawing.vqgan = ArmorVQGANModel.from_pretrained(checkpoint / "vqgan")
+    for name in ("blue", "yellow"):
+        codes = dataset.caches[0].codes(copy / "images" / f"{name}.png")
+        assert [IMGBOS, *(CODE0 + c for c in codes), IMGEND] == drawing.encode_image_target(
+            copy / "images" / f"{name}.png"
+        )
+
+
+def test_a_cache_of_an_unknown_format_stops_with_the_command_and_tokenize_rebuilds_it(
+    data, checkpoint, processor, tmp_path
+):
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    (index_file,) = (copy / wohg_data.CACHE_FOLDER).glob("vqgan-*-64px.json")
+    index = json.loads(index_file.read_text())
+    assert index["format"] == wohg_data.CACHE_FORMAT
+    index_file.write_text(json.dumps({**index, "format": 99}))
+    with pytest.raises(
+        wohg_data.InconsistentCacheError,
+        match=r"(?s)Stale/inconsistent image-code cache: .*cache format 99; this code reads format \d.*Re-run "
+        r"`python wohg_data.py tokenize \.\.\.`",
+    ):
+        make_dataset(copy, processor, checkpoint)
+    summary = wohg_data.tokenize_images([copy], str(checkpoint), num_workers=0, progress=False, log=lambda _: None)
+    assert (summary["encoded"], summary["kept"]) == (3, 0)
+    make_dataset(copy, processor, checkpoint)
+
+
+def test_the_vqgan_folder_and_end_of_turn_come_from_the_processor_module(checkpoint, tmp_path, monkeypatch):
+    from armor import processing_armor
+
+    assert wohg_data.END_OF_TURN_TOKEN + "\n" == processing_armor.END_OF_TURN
+    assert wohg_data.vqgan_folder_of(checkpoint) == checkpoint / processing_armor.VQGAN_SUBFOLDER
+    (tmp_path / "vq").mkdir()
+    monkeypatch.setattr(wohg_data, "VQGAN_SUBFOLDER", "vq")
+    assert wohg_data.vqgan_folder_of(tmp_path) == tmp_path / "vq"
+
+
 # ---------------------------------------------------------------------------------------------- ids and labels
 
 
@@ -406,6 +472,29 @@ def test_unreadable_target_image_fails_tokenize_and_skip_counts_every_bad_record
     assert any("id=bad-target" in message for message in dataset.skipped)
 
 
+def test_records_skipped_while_loading_are_counted_once_also_from_worker_processes(tmp_path, processor, checkpoint):
+    corrupt_input = {
+        "id": "bad-input",
+        "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Yes."}],
+        "image": "broken.png",
+    }
+    folder = bad_folder(tmp_path, [RECORDS_A[0], corrupt_input, RECORDS_A[1]])
+    dataset = make_dataset(folder, processor, checkpoint, skip_bad_records=True, check_images=False)
+    assert len(dataset) == 3 and dataset.skipped_count() == 0  # unseen until loaded
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=list)
+    for _ in range(2):  # two epochs: met twice, counted once
+        assert len(list(loader)) == 3
+    assert dataset.skipped_count() == 1 and not dataset.skipped  # the worker's flag reached this process
+    assert len([dataset[i] for i in range(3)]) == 3
+    assert dataset.skipped_count() == 1 and len(dataset.skipped) == 1 and "id=bad-input" in dataset.skipped[0]
+    # ... and the training summary counts it (data loaded in a worker process)
+    output = tmp_path / "run"
+    argv = ["--stage", "1", "--model", str(checkpoint), "--data", str(folder), "--output-dir", str(output)]
+    options = ["--max-steps", "2", "--per-device-train-batch-size", "3", "--dataloader-num-workers", "1"]
+    run([*argv, *options, "--save-steps", "1000", "--check-images", "false", "--skip-bad-records"])
+    assert summary(output)["skipped_records"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -594,6 +683,32 @@ def test_options_come_from_preset_then_config_file_then_command_line():
         train_wohg.resolve_options(3, {**cli, "trainable": ["vqgan"]}, {})
     with pytest.raises(ValueError, match="--output-dir"):
         train_wohg.resolve_options(3, {"model": "m", "data": ["d"]}, {})
+
+
+def test_stage_all_checks_every_stages_options_before_training_any(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_wohg, "train_stage", lambda *a, **k: pytest.fail("a stage trained"))
+    output = tmp_path / "runs"
+    argv = ["--stage", "all", "--model", "m", "--data", "d", "--output-dir", str(output)]
+    for bad, message in (
+        ({"stage3": {"cfg_drop_prob": 2}}, "--cfg-drop-prob must be in"),
+        ({"stage3": {"frozen_dtype": "float8"}}, "--frozen-dtype must be"),
+        ({"stage2": {"deepspeed": str(tmp_path / "missing.json")}}, "missing.json"),
+    ):
+        (tmp_path / "wohg.yaml").write_text(json.dumps(bad))
+        with pytest.raises((ValueError, OSError), match=message):
+            train_wohg.main([*argv, "--config", str(tmp_path / "wohg.yaml")])
+        assert not output.exists()
+
+
+def test_fsdp_wraps_the_layer_classes_the_model_holds_and_the_trainer_names_none(checkpoint):
+    fsdp = json.loads((REPO_ROOT / "configs" / "fsdp.json").read_text())
+    assert fsdp["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "transformer_layer_cls_to_wrap" not in fsdp
+    source = (REPO_ROOT / "train_wohg.py").read_text()
+    assert "transformer_layer_cls_to_wrap" not in source and "_no_split_modules" not in source
+    assert "fsdp_config" in source  # FSDP is still wired: accelerate then wraps the model's _no_split_modules
+    model = ArmorForConditionalGeneration.from_pretrained(checkpoint)
+    held = {type(module).__name__ for module in model.modules()}
+    assert len(model._no_split_modules) > 1 and set(model._no_split_modules) <= held
 
 
 def test_config_examples_resolve_and_sharded_launches_get_the_dummy_tile():
