@@ -459,20 +459,40 @@ def read_added_token_ids(folder: Path) -> dict[str, int]:
     """Ids of added tokens from a tokenizer folder's tokenizer.json, tokenizer_config.json or added_tokens.json."""
     ids: dict[str, int] = {}
     if (folder / "tokenizer.json").is_file():
-        for token in json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", []):
+        for token in load_json(folder / "tokenizer.json", "a tokenizer").get("added_tokens", []):
             ids.setdefault(token["content"], token["id"])
     if (folder / "tokenizer_config.json").is_file():
-        decoder = json.loads((folder / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
+        decoder = load_json(folder / "tokenizer_config.json", "a tokenizer").get("added_tokens_decoder", {})
         for token_id, token in decoder.items():
             ids.setdefault(token["content"], int(token_id))
     if (folder / "added_tokens.json").is_file():
-        for content, token_id in json.loads((folder / "added_tokens.json").read_text()).items():
+        for content, token_id in load_json(folder / "added_tokens.json", "a tokenizer").items():
             ids.setdefault(content, token_id)
     return ids
 
 
+def check_tokenizer_folder(folder: Path):
+    """The files `convert_tokenizer` reads: tokenizer_config.json and a vocabulary (InternLM2's tokenizer.model, or
+    Qwen2's tokenizer.json or vocab.json + merges.txt)."""
+
+    def has(name: str) -> bool:
+        return (folder / name).is_file()
+
+    lacking = []
+    if not (has("tokenizer.model") or has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+        lacking.append("tokenizer.model, tokenizer.json or vocab.json + merges.txt")
+    if not has("tokenizer_config.json"):
+        lacking.append("tokenizer_config.json")
+    if lacking:
+        raise ConversionError(
+            f"{folder} has no tokenizer (no {' and no '.join(lacking)}): pass the folder holding the InternVL2.5 "
+            "tokenizer with --tokenizer PATH."
+        )
+
+
 def internvl_image_token_ids(tokenizer_folder: Path) -> dict[str, int]:
     """`<img>`, `</img>`, `<IMG_CONTEXT>` ids: the release config does not store them, its tokenizer does."""
+    check_tokenizer_folder(tokenizer_folder)
     ids = read_added_token_ids(tokenizer_folder)
     missing = [token for token in ("<img>", "</img>", "<IMG_CONTEXT>") if token not in ids]
     if missing:
@@ -576,12 +596,15 @@ def open_release_internvl(folder: Path, config: dict, tokenizer_folder: Path) ->
     checkpoint = SafetensorsCheckpoint(folder)
     jobs, unknown = plan_release_weights(checkpoint, llm_architecture, text_config)
     raise_on_unknown(folder, unknown)
+    tied = untie_output_head(folder, config["llm_config"], checkpoint, jobs)
     vit = "InternViT-6B" if vision_config.use_qk_norm else "InternViT-300M"
     llm = "InternLM2" if llm_architecture == "InternLM2ForCausalLM" else "Qwen2"
     description = (
         f"InternVL2.5 release layout ({vit}-like ViT, {vision_config.num_hidden_layers} layers; {llm} LLM, "
         f"{text_config.num_hidden_layers} layers, hidden {text_config.hidden_size}, vocab {text_config.vocab_size})"
     )
+    if tied:
+        description += "; its output head is tied to the embeddings, so lm_head is written as an untied copy of them"
     max_tiles = config.get("max_dynamic_patch", 12) if config.get("dynamic_image_size", True) else 1
     return InternVLSource(folder, "release", fields, token_ids, checkpoint, jobs, description, max_tiles)
 
@@ -627,8 +650,30 @@ def open_native_internvl(folder: Path, config: dict, tokenizer_folder: Path) -> 
         f"{text_config.num_hidden_layers} layers, hidden {text_config.hidden_size}, vocab {text_config.vocab_size})"
     )
     preprocessor_path = folder / "preprocessor_config.json"
-    max_tiles = json.loads(preprocessor_path.read_text()).get("max_patches", 12) if preprocessor_path.is_file() else 12
+    preprocessor = load_json(preprocessor_path, "a processor folder") if preprocessor_path.is_file() else {}
+    max_tiles = preprocessor.get("max_patches", 12)
     return InternVLSource(folder, "native", fields, token_ids, checkpoint, jobs, description, max_tiles)
+
+
+def untie_output_head(
+    folder: Path, llm_config: dict, checkpoint: SafetensorsCheckpoint, jobs: list[WeightJob]
+) -> bool:
+    """
+    A release whose LLM ties its output head to the embeddings (`tie_word_embeddings`, as in Qwen2.5's small models)
+    stores no head; ARMOR's lm_head is untied, so it is added as a copy of the embeddings (same values, same logits).
+    Returns whether it was. A head stored despite the tie is used as is (saved from tied weights, it equals them).
+    """
+    targets = {name for job in jobs for name in job.targets}
+    if "lm_head.weight" in targets or "model.language_model.embed_tokens.weight" not in targets:
+        return False  # nothing to copy, or nothing to copy from (reported with the other missing tensors)
+    if not llm_config.get("tie_word_embeddings", False):
+        raise ConversionError(
+            f"{folder} stores no LLM output head (language_model.lm_head.weight or language_model.output.weight) and "
+            "its llm_config does not tie it to the embeddings (tie_word_embeddings false): the checkpoint is "
+            "incomplete; download it again."
+        )
+    jobs.append(rename_job(checkpoint, source_of(jobs, "model.language_model.embed_tokens.weight"), "lm_head.weight"))
+    return True
 
 
 def raise_on_unknown(folder: Path, unknown: list[str]):
@@ -706,15 +751,6 @@ def job_dtype(job: WeightJob, checkpoint: SafetensorsCheckpoint) -> torch.dtype:
     if job.dtype is not None:
         return job.dtype
     return checkpoint.entries[job.sources[0]].dtype
-
-
-def native_internvl_state_dict(source: InternVLSource, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole mapped InternVL state dict in memory: for small models and tests (the converter streams instead)."""
-    state_dict = {}
-    for name, blocks in iterate_weights(source.jobs, source.checkpoint, dtype):
-        blocks = list(blocks)
-        state_dict[name] = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
-    return state_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1067,8 +1103,13 @@ def build_tokenizer(source: InternVLSource, tokenizer_folder: Path | None, confi
     vocab_size = config.text_config.vocab_size
     try:
         tokenizer = convert_tokenizer(folder, vocab_size)
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         raise ConversionError(f"The tokenizer in {folder} does not fit the model: {error}") from error
+    except Exception as error:  # unreadable or damaged files: a parser's own exception, whatever its type
+        raise ConversionError(
+            f"The tokenizer in {folder} could not be read ({type(error).__name__}: {error}); download its files "
+            "again or pass the InternVL2.5 tokenizer folder with --tokenizer PATH."
+        ) from error
     expected = {
         "<imgbos>": config.imgbos_token_id,
         "<imgend>": config.imgend_token_id,
@@ -1084,12 +1125,6 @@ def build_tokenizer(source: InternVLSource, tokenizer_folder: Path | None, confi
             f"The tokenizer in {folder} disagrees with the model ({error}); pass the tokenizer released with the "
             "InternVL2.5 checkpoint (--tokenizer PATH)."
         ) from error
-    if len(tokenizer) != vocab_size + 3:
-        raise ConversionError(
-            f"The tokenizer in {folder} has {len(tokenizer)} tokens with ARMOR's three, but the model expects "
-            f"{vocab_size} + 3 (text_config.vocab_size = {vocab_size}); pass the tokenizer released with the "
-            "checkpoint."
-        )
     return tokenizer
 
 
@@ -1429,8 +1464,8 @@ def convert(
     source_name = internvl_folder.name if Path(internvl).expanduser().exists() else str(internvl)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    writer = StreamingSafetensorsWriter(staging, specs, max_shard_bytes)  # opens no file until the first write
     try:
-        writer = StreamingSafetensorsWriter(staging, specs, max_shard_bytes)
         for name, blocks in iterate_weights(jobs, source.checkpoint, target_dtype):
             writer.write(name, blocks)
         writer.close()
@@ -1447,6 +1482,8 @@ def convert(
         (staging / "README.md").write_text(card)
         publish_folder(staging, output)
     except BaseException:
+        if writer.handle is not None:  # the shard being written when the failure hit
+            writer.handle.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     added = sum(math.prod(spec.shape) for spec in specs if not spec.name.startswith(("model.", "lm_head.")))

@@ -5,6 +5,7 @@ outputs of the reference `InternVLChatModel` on stored inputs.
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,10 +38,19 @@ def reference(llm: str) -> dict[str, torch.Tensor]:
     return load_file(INTERNVL[llm] / "inputs_and_outputs.safetensors")
 
 
+def native_internvl_state_dict(source: cc.InternVLSource) -> dict[str, torch.Tensor]:
+    """The whole mapped InternVL state dict in memory, from the converter's streamed blocks."""
+    state_dict = {}
+    for name, blocks in cc.iterate_weights(source.jobs, source.checkpoint):
+        blocks = list(blocks)
+        state_dict[name] = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    return state_dict
+
+
 def native_model(source: cc.InternVLSource) -> InternVLForConditionalGeneration:
     """transformers' own InternVL, holding the mapped weights (strict: no missing or unexpected key)."""
     model = InternVLForConditionalGeneration(source.internvl_config()).eval()
-    model.load_state_dict(cc.native_internvl_state_dict(source), strict=True)
+    model.load_state_dict(native_internvl_state_dict(source), strict=True)
     return model
 
 
@@ -210,8 +220,8 @@ def test_native_layout_maps_to_the_same_tensors_as_the_release(native_folder, tm
         save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     source = cc.open_internvl(folder)
     assert source.layout == "native"
-    from_native = cc.native_internvl_state_dict(source)
-    from_release = cc.native_internvl_state_dict(cc.open_internvl(INTERNVL["internlm2"]))
+    from_native = native_internvl_state_dict(source)
+    from_release = native_internvl_state_dict(cc.open_internvl(INTERNVL["internlm2"]))
     assert from_native.keys() == from_release.keys()
     assert all(torch.equal(from_native[name], from_release[name]) for name in from_release)
 
@@ -435,12 +445,43 @@ def unsupported_llm(tmp_path: Path) -> Path:
     return folder
 
 
+def without_tokenizer(tmp_path: Path) -> Path:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(INTERNVL["qwen2"] / name, folder / name)
+    return folder
+
+
+def damaged_tokenizer_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "src"
+    shutil.copytree(INTERNVL["internlm2"], folder)
+    (folder / "tokenizer.model").write_bytes(b"\xff\xfe not a sentencepiece model")
+    return folder
+
+
+def without_output_head(tmp_path: Path, tied: bool = False) -> Path:
+    """The qwen2 fixture without `language_model.lm_head.weight`, as a release with tied embeddings stores it."""
+    folder = tmp_path / "src"
+    shutil.copytree(INTERNVL["qwen2"], folder)
+    weights = load_file(folder / "model.safetensors")
+    del weights["language_model.lm_head.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["llm_config"]["tie_word_embeddings"] = tied
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 BAD_SOURCES = {
     "not InternVL2.5": (not_internvl, "holds a 'qwen2' model .* not InternVL2.5"),
     "missing shard": (missing_shard, "model-00002-of-00002.safetensors named by .* is missing"),
     "truncated shard": (truncated_shard, "is truncated"),
     "index names a missing tensor": (index_names_a_missing_tensor, "does not hold it"),
     "unsupported LLM": (unsupported_llm, "Phi3ForCausalLM, which ARMOR does not support"),
+    "no tokenizer": (without_tokenizer, "src has no tokenizer .*pass the folder .* with --tokenizer PATH"),
+    "damaged tokenizer": (damaged_tokenizer_model, "tokenizer in .*src could not be read \\(DecodeError"),
+    "untied, no output head": (without_output_head, "stores no LLM output head .*tie_word_embeddings false"),
 }
 
 
@@ -452,6 +493,78 @@ def test_bad_sources_fail_clearly_and_leave_nothing_behind(tmp_path, case):
     with pytest.raises(cc.ConversionError, match=message):
         run_convert(source, tmp_path / "out")
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_is_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(cc.ConversionError, match="empty has no tokenizer .* with --tokenizer PATH"):
+        run_convert(INTERNVL["qwen2"], tmp_path / "out", tokenizer=str(empty))
+    assert [path.name for path in tmp_path.iterdir()] == ["empty"]
+
+
+def test_tied_output_head_is_written_as_a_copy_of_the_embeddings(tmp_path):
+    folder = without_output_head(tmp_path, tied=True)
+    messages = []
+    output = cc.convert(str(folder), vqgan=str(VQGAN), output=tmp_path / "out", adapter_layers=2, log=messages.append)
+    weights = read_weights(output)
+    assert torch.equal(weights["lm_head.weight"], weights["model.language_model.embed_tokens.weight"])
+    assert torch.allclose(weights["imgbos_head.weight"], weights["lm_head.weight"].mean(0, keepdim=True), atol=1e-6)
+    assert json.loads((output / "config.json").read_text())["text_config"]["tie_word_embeddings"] is False
+    assert any("lm_head is written as an untied copy" in message for message in messages)
+
+
+def fail_writing_after(count: int, error: BaseException, monkeypatch) -> list:
+    """Make the streaming writer raise `error` once `count` tensors are in the staging folder; returns the writers
+    it was called on and the names written."""
+    original, calls = cc.StreamingSafetensorsWriter.write, []
+
+    def write(self, name, blocks):
+        if len(calls) == count:
+            raise error
+        original(self, name, blocks)
+        calls.append((self, name))
+
+    monkeypatch.setattr(cc.StreamingSafetensorsWriter, "write", write)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "error, overwrite", [(OSError(28, "No space left on device"), False), (KeyboardInterrupt(), True)]
+)
+def test_a_failure_mid_write_leaves_nothing_behind(tmp_path, monkeypatch, error, overwrite):
+    output = tmp_path / "out"
+    if overwrite:  # an older checkpoint to replace: it must survive the failed conversion
+        output.mkdir()
+        (output / "keep.txt").write_text("mine")
+    before = sorted(tmp_path.rglob("*"))
+    calls = fail_writing_after(5, error, monkeypatch)
+    with pytest.raises(type(error)):
+        run_convert(INTERNVL["qwen2"], output, overwrite=overwrite)
+    assert len(calls) == 5  # the failure hit with tensors already in the staging folder
+    writer = calls[-1][0]
+    assert writer.handle is None or writer.handle.closed  # the open shard was closed, not left to the GC
+    assert sorted(tmp_path.rglob("*")) == before
+    if overwrite:
+        assert (output / "keep.txt").read_text() == "mine"
+
+
+def test_a_failed_move_into_place_restores_the_old_output(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    original = os.replace
+
+    def replace(source, target):
+        if ".partial-" in Path(source).name:
+            raise OSError(18, "Invalid cross-device link")
+        return original(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="cross-device"):
+        run_convert(INTERNVL["qwen2"], output, overwrite=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
 
 
 def test_vqgan_folder_whose_config_disagrees_with_its_weights_is_refused(converted, tmp_path):
@@ -552,6 +665,17 @@ def test_command_line_reports_errors_without_a_traceback(tmp_path, capsys):
     assert code == 1
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_command_line_reports_a_malformed_preprocessor_config(native_folder, tmp_path, capsys):
+    folder = tmp_path / "src"
+    shutil.copytree(native_folder, folder)
+    (folder / "preprocessor_config.json").write_text('{"max_patches": 12,')
+    code = cc.main(["--internvl", str(folder), "--vqgan", str(VQGAN), "--output", str(tmp_path / "out")])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and f"{folder / 'preprocessor_config.json'} is not valid JSON" in error
+    assert [path.name for path in tmp_path.iterdir()] == ["src"]
 
 
 def test_help_documents_every_option():
