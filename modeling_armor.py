@@ -133,7 +133,7 @@ class ArmorPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def can_generate(cls) -> bool:
-        """ARMOR has its own `generate` (forward switching); this makes transformers load `generation_config.json`."""
+        """ARMOR generates with its own loop (forward switching), not `GenerationMixin`."""
         return True
 
 
@@ -323,7 +323,8 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args, **kwargs):
-        """Load the model, then its VQGAN from the checkpoint's `vqgan/` sub-folder (kept in float32)."""
+        """Load the model, then its VQGAN from the checkpoint's `vqgan/` sub-folder (kept in float32) and its
+        `generation_config.json`."""
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         hub_kwargs = {
             key: kwargs[key]
@@ -340,6 +341,11 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
                 "checkpoint carries Chameleon's VQGAN there; write one with convert_checkpoint.py --vqgan PATH."
             ) from error
         model.vqgan = vqgan.to(model.lm_head.weight.device).eval()
+        # ARMOR's `generate` is its own (no `GenerationMixin`), so transformers does not load this file for us.
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass  # no generation_config.json: keep the defaults built from the config
         return model
 
     # ---------------------------------------------------------------------------------------------------- chat

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from tiny_models import EOS, VOCAB_SIZE, image_prompt, tiny_config, tiny_model
-from transformers import AutoConfig, AutoModel, InternVLConfig, InternVLForConditionalGeneration
+from transformers import AutoConfig, AutoModel, GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
 
 from armor.configuration_armor import ArmorConfig
 from armor.modeling_armor import ArmorForConditionalGeneration, image_mode_mask
@@ -298,6 +298,23 @@ def test_save_pretrained_then_automodel_with_remote_code_gives_identical_logits(
         assert torch.equal(loaded.vqgan.decode(codes), model.vqgan.decode(codes))
     assert torch.equal(actual.logits, expected.logits)
     assert torch.equal(actual.image_logits, expected.image_logits)
+
+
+def test_every_load_reads_the_checkpoints_generation_config(tmp_path):
+    model = tiny_model()
+    model.generation_config = GenerationConfig(
+        eos_token_id=EOS, modality="image", guidance_scale=2.5, image_top_k=7, max_new_tokens=99
+    )
+    ArmorConfig.register_for_auto_class()
+    ArmorForConditionalGeneration.register_for_auto_class("AutoModel")
+    model.save_pretrained(tmp_path)
+    for name in CODE_FILES:
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    for _ in range(2):  # the second load in a process once fell back to defaults built from the config
+        loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+        settings = loaded.generation_config
+        assert (settings.modality, settings.guidance_scale, settings.image_top_k) == ("image", 2.5, 7)
+        assert settings.max_new_tokens == 99
 
 
 def test_a_checkpoint_without_vqgan_folder_is_refused(tmp_path):
