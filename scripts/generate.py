@@ -1,51 +1,30 @@
 """Answer one prompt with an ARMOR checkpoint: the answer's text is printed and each drawn image saved as a PNG.
 
-    python scripts/generate.py "Draw a red circle on a blue background." [--model PATH_OR_REPO] [--image photo.jpg]
-        [--modality auto|text|image] [--seed 0] [--guidance-scale 3.0] [--max-new-tokens N] [--output-dir outputs]
+    python scripts/generate.py "Draw a red circle to the left of a blue square." [--model PATH_OR_REPO]
+        [--image photo.png] [--modality auto|text|image] [--seed 0] [--guidance-scale 3.0] [--max-new-tokens N]
+        [--output-dir outputs]
 
-Without --model it runs the tiny ARMOR model that ships with the repository: the tiny InternVL2.5 (Qwen2) and tiny
-Chameleon VQGAN of tests/fixtures/, converted with convert_checkpoint.py into `armor-tiny/` on first use. Their
-weights are random (real InternVL2.5 and Chameleon weights cannot be fetched here), so its images are noise; the
-command runs the same path a real checkpoint does: AutoModel / AutoProcessor with trust_remote_code, the chat
-template, forward switching, the VQGAN decoder.
+Without --model it runs `armor-shapeworld/`, the ARMOR model that ships with the repository: trained end to end in
+the shape world (scripts/shapeworld.sh) from a small InternVL2.5-architecture base and a small Chameleon-architecture
+VQGAN, so it answers questions about pictures of coloured shapes and draws 256px pictures of them. It loads as any
+checkpoint does (AutoModel / AutoProcessor with trust_remote_code), on the GPU when there is one.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-import armor_package  # noqa: F401,E402  (registers the package `armor`)
-
-# isort: split
-from armor import convert_checkpoint  # noqa: E402
-
-DEFAULT_MODEL = REPO_ROOT / "armor-tiny"
-FIXTURES = REPO_ROOT / "tests" / "fixtures"
-
-
-def default_model() -> Path:
-    """The repository's tiny ARMOR checkpoint, converted from the tiny fixtures the first time it is needed."""
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        print(f"converting the tiny fixtures into {DEFAULT_MODEL} (once)")
-        convert_checkpoint.main(
-            [
-                f"--internvl={FIXTURES / 'internvl2_5-tiny-qwen2'}",
-                f"--vqgan={FIXTURES / 'chameleon-vqgan-tiny'}",
-                f"--output={DEFAULT_MODEL}",
-                "--overwrite",
-            ]
-        )
-    return DEFAULT_MODEL
+DEFAULT_MODEL = REPO_ROOT / "armor-shapeworld"
 
 
 def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", help="the user's message")
-    parser.add_argument("--model", default=None, help="ARMOR checkpoint folder or Hub repo id (default: armor-tiny)")
+    parser.add_argument(
+        "--model", default=None, help="ARMOR checkpoint folder or Hub repo id (default: armor-shapeworld)"
+    )
     parser.add_argument("--image", action="append", default=[], help="an input image (repeat for several)")
     parser.add_argument("--modality", choices=["auto", "text", "image"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,7 +38,11 @@ def main(argv: list[str] | None = None) -> list:
 
     from transformers import AutoModel, AutoProcessor
 
-    model_path = args.model or default_model()
+    model_path = args.model or DEFAULT_MODEL
+    if args.model is None and not (DEFAULT_MODEL / "config.json").is_file():
+        parser.error(
+            f"the default model {DEFAULT_MODEL} is missing; restore it with `git checkout -- {DEFAULT_MODEL}`"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=dtype).to(device).eval()

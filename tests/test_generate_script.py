@@ -1,4 +1,4 @@
-"""The README's main command, `scripts/generate.py`, on the repository's tiny default model."""
+"""The README's main command, `scripts/generate.py`, on the repository's default model `armor-shapeworld/`."""
 
 import sys
 
@@ -6,46 +6,36 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
+from armor.shapeworld.checker import detect
+from armor.shapeworld.world import Scene, SceneObject, render
+
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 import generate  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def default_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("default") / "armor-tiny"
-    original = generate.DEFAULT_MODEL
-    generate.DEFAULT_MODEL = folder
-    yield folder
-    generate.DEFAULT_MODEL = original
-
-
-def test_image_request_saves_one_png_of_the_configured_size(default_model, tmp_path, capsys):
-    segments = generate.main(["Draw a red circle.", "--modality", "image", "--output-dir", str(tmp_path)])
-    assert (default_model / "config.json").is_file()  # converted from the fixtures on first use
-    assert [type(segment) for segment in segments] == [Image.Image]
+def test_drawing_request_is_answered_with_one_png_of_the_models_size(tmp_path, capsys):
+    segments = generate.main(["Draw two green stars.", "--output-dir", str(tmp_path)])  # modality auto, seed 0
+    assert [type(segment) for segment in segments] == [Image.Image]  # the model chose to draw, and only to draw
     with Image.open(tmp_path / "image_1.png") as saved:
-        assert saved.size == (512, 512)
-    assert f"saved to {tmp_path / 'image_1.png'}" in capsys.readouterr().out
+        assert saved.size == (256, 256)
+        assert "green" in {found.colour for found in detect(saved.convert("RGB"))}
+    output = capsys.readouterr()
+    assert f"saved to {tmp_path / 'image_1.png'}" in output.out
+    assert "256/256" in output.err  # the progress bar over the image tokens
 
 
-def test_text_request_with_an_input_image_saves_no_png(default_model, tmp_path):
-    photo = tmp_path / "photo.png"
-    Image.new("RGB", (600, 300), "red").save(photo)
-    segments = generate.main(
-        [
-            "What is this?",
-            "--image",
-            str(photo),
-            "--modality",
-            "text",
-            "--max-new-tokens",
-            "8",
-            "--output-dir",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert segments and all(isinstance(segment, str) for segment in segments)
-    assert not list((tmp_path / "out").glob("*.png"))
+def test_question_about_an_input_image_is_answered_in_text(tmp_path):
+    picture = tmp_path / "scene.png"
+    scene = Scene([SceneObject("square", "purple", "large", 60, 60), SceneObject("circle", "red", "small", 190, 190)])
+    render(scene).save(picture)
+    segments = generate.main(["How many objects are there?", "--image", str(picture), "--output-dir", str(tmp_path)])
+    assert segments == ["2"]
+    assert not list(tmp_path.glob("image_*.png"))
+
+
+def test_world_question_without_image_is_answered_in_text(tmp_path):
+    segments = generate.main(["Which is bigger, a small diamond or a large diamond?", "--output-dir", str(tmp_path)])
+    assert segments == ["a large diamond"]
 
 
 def test_missing_input_image_is_named(tmp_path, capsys):

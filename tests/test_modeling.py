@@ -277,7 +277,7 @@ def test_more_image_context_tokens_than_tiles_is_an_error():
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_save_pretrained_then_automodel_with_remote_code_gives_identical_logits(tmp_path):
+def test_save_pretrained_then_automodel_with_remote_code_gives_identical_weights_and_logits(tmp_path):
     model = tiny_model()
     ArmorConfig.register_for_auto_class()
     ArmorForConditionalGeneration.register_for_auto_class("AutoModel")
@@ -296,8 +296,10 @@ def test_save_pretrained_then_automodel_with_remote_code_gives_identical_logits(
         actual = loaded(ids, pixel_values=pixel_values)
         codes = torch.randint(0, 64, (1, 4, 4))
         assert torch.equal(loaded.vqgan.decode(codes), model.vqgan.decode(codes))
-    assert torch.equal(actual.logits, expected.logits)
-    assert torch.equal(actual.image_logits, expected.image_logits)
+    # The round trip is exact in the weights; the two instances' kernels may sum in another order (seen: 1e-7).
+    assert all(torch.equal(tensor, loaded.state_dict()[name]) for name, tensor in model.state_dict().items())
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(actual.image_logits, expected.image_logits, rtol=0, atol=1e-6)
 
 
 def test_every_load_reads_the_checkpoints_generation_config(tmp_path):
