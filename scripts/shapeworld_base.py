@@ -66,9 +66,7 @@ most), so ~20 s for the default 2,250 in batches of 512. The whole command: ~4.5
 """
 
 import argparse
-import contextlib
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -81,7 +79,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
@@ -108,10 +105,15 @@ from armor.processing_armor import (  # noqa: E402
 )
 from armor.wohg_data import WoHGDataset, build_collator  # noqa: E402
 from shapeworld.data import read_records, train_tokenizer, world_texts, write_dataset  # noqa: E402
+from shapeworld.training import (  # noqa: E402
+    RunError,
+    autocast,
+    check_schedule_args,
+    learning_rate_at,
+    load_checkpoint,
+    save_checkpoint,
+)
 
-CHECKPOINT_DIR = "checkpoint"
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "log.jsonl"
 RELEASE_DIR = "internvl"
@@ -195,10 +197,6 @@ SMOKE_DEFAULTS = {
     "save_every": 1000,
     "log_every": 1,
 }
-
-
-class RunError(ValueError):
-    """A bad option or an output folder that does not fit the command; the message says what to change."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,12 +294,7 @@ def check_args(args: argparse.Namespace):
             f"--patch-size must cut the {tile}px tile into an even number of patches per side (pixel shuffle 0.5 "
             f"merges 2x2 patches), got {args.patch_size}."
         )
-    if args.time_budget_s <= 0:
-        raise RunError(f"--time-budget-s must be positive, got {args.time_budget_s}.")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        raise RunError(f"--stop-at must be between 1 and --steps ({args.steps}), got {args.stop_at}.")
-    if not 0 < args.min_learning_rate_ratio <= 1 or args.learning_rate <= 0:
-        raise RunError("--learning-rate must be positive and --min-learning-rate-ratio in (0, 1].")
+    check_schedule_args(args)
     if args.test_ti2t + args.test_t2t == 0:
         raise RunError("--test-ti2t and --test-t2t are both 0: there is nothing to evaluate the base model on.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -542,16 +535,6 @@ def count_parameters(model: InternVLForConditionalGeneration) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def learning_rate_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then a cosine from the peak down to `min_learning_rate_ratio` x peak at --steps."""
-    warmup = min(args.warmup_steps, args.steps // 10)
-    if step < warmup:
-        return args.learning_rate * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, args.steps - warmup))
-    floor = args.min_learning_rate_ratio
-    return args.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms, biases and layer scales)."""
     decay, no_decay = [], []
@@ -578,47 +561,6 @@ class PixelsInComputeDtype:
         return batch
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def save_checkpoint(output_dir: Path, model: torch.nn.Module, optimizer, state: dict):
-    """Weights (safetensors) + optimizer/step/losses (torch), written beside and swapped in, never half-written."""
-    final, staging, previous = (output_dir / f"{CHECKPOINT_DIR}{suffix}" for suffix in ("", ".tmp", ".old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(staging / WEIGHTS_FILE))
-    torch.save({**state, "optimizer": optimizer.state_dict()}, staging / STATE_FILE)
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def load_checkpoint(output_dir: Path, model: torch.nn.Module, optimizer, args: argparse.Namespace) -> dict | None:
-    """The saved state (model and optimizer loaded in place), or None for a fresh run; refuses other settings."""
-    folder = output_dir / CHECKPOINT_DIR
-    if not (folder / STATE_FILE).is_file() and (output_dir / f"{CHECKPOINT_DIR}.old" / STATE_FILE).is_file():
-        folder = output_dir / f"{CHECKPOINT_DIR}.old"  # interrupted between the two renames of `save_checkpoint`
-    if not (folder / STATE_FILE).is_file():
-        return None
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    saved = {**state["settings"], **state["data_settings"]}
-    now = {**settings_of(args), **settings_of(args, DATA_SETTINGS)}
-    differing = {name: (saved.get(name), value) for name, value in now.items() if saved.get(name) != value}
-    if differing:
-        details = ", ".join(f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in differing.items())
-        raise RunError(
-            f"{folder} was trained with other settings: {details}. Rerun with the saved settings to resume, or pass "
-            "another --output-dir to start a new run."
-        )
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
 def train(
     args: argparse.Namespace,
     model: InternVLForConditionalGeneration,
@@ -629,7 +571,7 @@ def train(
 ) -> dict:
     """Train from the checkpoint in `output_dir` (or from scratch) towards --steps; returns the state at the stop."""
     optimizer = build_optimizer(model, args, device)
-    state = load_checkpoint(output_dir, model, optimizer, args)
+    state = load_checkpoint(output_dir, model, optimizer, {**settings_of(args), **settings_of(args, DATA_SETTINGS)})
     if state is None:
         state = {"step": 0, "train_seconds": 0.0, "samples_seen": 0, "tokens_seen": 0, "losses": [], "runs": []}
     state["settings"], state["data_settings"] = settings_of(args), settings_of(args, DATA_SETTINGS)

@@ -45,7 +45,6 @@ workers, cuDNN autotuning) and the evaluation add ~20-30 s: ~2.5-3 minutes of GP
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -58,7 +57,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,11 +66,16 @@ import armor_package  # noqa: F401,E402  (registers the package `armor`)
 # isort: split
 from armor.configuration_armor import ArmorVQGANConfig  # noqa: E402
 from armor.modeling_vqgan import ArmorVQGANModel  # noqa: E402
+from shapeworld.training import (  # noqa: E402
+    RunError,
+    autocast,
+    check_schedule_args,
+    learning_rate_at,
+    load_checkpoint,
+    save_checkpoint,
+)
 from shapeworld.world import render, sample_scene  # noqa: E402
 
-CHECKPOINT_DIR = "checkpoint"
-WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "log.jsonl"
 VQGAN_DIR = "vqgan"
@@ -118,10 +121,6 @@ SMOKE_DEFAULTS = {
     "log_every": 1,
     "time_budget_s": 60.0,
 }
-
-
-class RunError(ValueError):
-    """A bad option or an output folder that does not fit the command; the message says what to change."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -217,12 +216,7 @@ def check_args(args: argparse.Namespace):
             f"--crop-size must be a multiple of {factor} (the latent grid) between {factor} and --image-size "
             f"({args.image_size}), got {args.crop_size}."
         )
-    if args.time_budget_s <= 0:
-        raise RunError(f"--time-budget-s must be positive, got {args.time_budget_s}.")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        raise RunError(f"--stop-at must be between 1 and --steps ({args.steps}), got {args.stop_at}.")
-    if not 0 < args.min_learning_rate_ratio <= 1 or args.learning_rate <= 0:
-        raise RunError("--learning-rate must be positive and --min-learning-rate-ratio in (0, 1].")
+    check_schedule_args(args)
     if not 0 <= args.reset_until <= 1:
         raise RunError(f"--reset-until is a fraction of --steps in [0, 1], got {args.reset_until}.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -301,16 +295,6 @@ def to_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def learning_rate_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then a cosine from the peak down to `min_learning_rate_ratio` x peak at --steps."""
-    warmup = min(args.warmup_steps, args.steps // 10)
-    if step < warmup:
-        return args.learning_rate * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, args.steps - warmup))
-    floor = args.min_learning_rate_ratio
-    return args.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def build_optimizer(model: ArmorVQGANModel, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW; weight decay on conv weights only (decay would pull codebook vectors and norms towards zero)."""
     decay, no_decay = [], []
@@ -321,14 +305,6 @@ def build_optimizer(model: ArmorVQGANModel, args: argparse.Namespace) -> torch.o
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.99), eps=1e-8)
-
-
-def autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda":
-        return torch.autocast("cuda", enabled=False)
-    return contextlib.nullcontext()
 
 
 def training_losses(
@@ -420,45 +396,6 @@ def settings_of(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in RUN_SETTINGS}
 
 
-def save_checkpoint(output_dir: Path, model: ArmorVQGANModel, optimizer, state: dict):
-    """Weights (safetensors) + optimizer/step/counters (torch), written beside and swapped in, never half-written."""
-    final, staging, previous = (output_dir / f"{CHECKPOINT_DIR}{suffix}" for suffix in ("", ".tmp", ".old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(weights, str(staging / WEIGHTS_FILE))
-    torch.save({**state, "optimizer": optimizer.state_dict()}, staging / STATE_FILE)
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def load_checkpoint(output_dir: Path, model: ArmorVQGANModel, optimizer, args: argparse.Namespace) -> dict | None:
-    """The saved state (model and optimizer loaded in place), or None for a fresh run; refuses other settings."""
-    folder = output_dir / CHECKPOINT_DIR
-    if not (folder / STATE_FILE).is_file() and (output_dir / f"{CHECKPOINT_DIR}.old" / STATE_FILE).is_file():
-        folder = output_dir / f"{CHECKPOINT_DIR}.old"  # interrupted between the two renames of `save_checkpoint`
-    if not (folder / STATE_FILE).is_file():
-        return None
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    differing = {
-        name: (state["settings"].get(name), value)
-        for name, value in settings_of(args).items()
-        if state["settings"].get(name) != value
-    }
-    if differing:
-        details = ", ".join(f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in differing.items())
-        raise RunError(
-            f"{folder} was trained with other settings: {details}. Rerun with the saved settings to resume, or pass "
-            "another --output-dir to start a new run."
-        )
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return state
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
@@ -538,7 +475,7 @@ def run(args: argparse.Namespace) -> dict:
     config = vqgan_config(args)
     model = ArmorVQGANModel(config).to(device).train()
     optimizer = build_optimizer(model, args)
-    state = load_checkpoint(output_dir, model, optimizer, args)
+    state = load_checkpoint(output_dir, model, optimizer, settings_of(args))
     if state is None:
         state = {"step": 0, "train_seconds": 0.0, "images_seen": 0, "restarted_codes": 0}
         state["code_usage"] = torch.zeros(config.num_embeddings, dtype=torch.long)
