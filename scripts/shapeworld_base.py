@@ -67,14 +67,12 @@ most), so ~20 s for the default 2,250 in batches of 512. The whole command: ~4.5
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -104,7 +102,14 @@ from armor.processing_armor import (  # noqa: E402
     internvl_image_processor,
 )
 from armor.wohg_data import WoHGDataset, build_collator  # noqa: E402
-from shapeworld.data import read_records, train_tokenizer, world_texts, write_dataset  # noqa: E402
+from shapeworld.data import (  # noqa: E402
+    read_records,
+    run_jobs,
+    split_counts,
+    train_tokenizer,
+    world_texts,
+    write_dataset,
+)
 from shapeworld.training import (  # noqa: E402
     RunError,
     autocast,
@@ -310,24 +315,8 @@ def settings_of(args: argparse.Namespace, names: tuple[str, ...] = RUN_SETTINGS)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def split_counts(total: int, parts: int) -> list[int]:
-    """`total` cut into `parts` near-equal counts (the first ones one larger)."""
-    return [total // parts + (index < total % parts) for index in range(parts)]
-
-
 def _train_world_tokenizer(folder: str, seed: int, texts_per_kind: int, vocab_size: int) -> int:
     return train_tokenizer(world_texts(seed, texts_per_kind), folder, vocab_size)
-
-
-def _run_jobs(jobs: list[tuple[Callable, tuple]], workers: int) -> list:
-    """Run independent jobs in worker processes (fork: no re-import of this script), or inline for one worker."""
-    if workers <= 1 or len(jobs) == 1:
-        return [function(*arguments) for function, arguments in jobs]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(function, *arguments) for function, arguments in jobs]
-        return [future.result() for future in futures]
 
 
 def prepare_data(args: argparse.Namespace) -> dict:
@@ -380,7 +369,7 @@ def prepare_data(args: argparse.Namespace) -> dict:
         counts = {"ti2t": getattr(args, f"{split}_ti2t"), "t2t": getattr(args, f"{split}_t2t")}
         if sum(counts.values()):
             jobs.append((write_dataset, (paths[split], counts, split, args.data_seed)))
-    results = _run_jobs(jobs, max(1, os.cpu_count() or 1))
+    results = run_jobs(jobs, max(1, os.cpu_count() or 1))
     world_vocab_size = results[0]
 
     # The "-hf" tokenizer: InternVL's image tokens named for transformers' InternVL processor (<video> is added).

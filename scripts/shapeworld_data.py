@@ -13,12 +13,10 @@ target images once, then `train_wohg.py --stage all --config configs/shapeworld_
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +24,10 @@ sys.path.insert(0, str(REPO_ROOT))
 import armor_package  # noqa: F401,E402  (registers the package `armor`)
 
 # isort: split
-from shapeworld.data import KINDS, write_dataset  # noqa: E402
+from shapeworld.data import KINDS, run_jobs, split_counts, write_dataset  # noqa: E402
 
 MARKER = "shapeworld_data.json"
 DEFAULT_COUNTS = {"ti2t": 8_000, "t2t": 4_000, "t2i": 24_000, "t2ti": 8_000, "ti2ti": 4_000}
-
-
-def part_counts(total: int, parts: int) -> list[int]:
-    """`total` cut into `parts` near-equal counts (the first ones one larger)."""
-    return [total // parts + (index < total % parts) for index in range(parts)]
 
 
 def write_data(output_dir: Path, counts: dict[str, int], parts: int, seed: int, workers: int) -> dict:
@@ -55,16 +48,12 @@ def write_data(output_dir: Path, counts: dict[str, int], parts: int, seed: int, 
     for kind in KINDS:  # what an interrupted earlier run left
         shutil.rmtree(output_dir / kind, ignore_errors=True)
     jobs = [
-        (output_dir / kind, {kind: count}, "train", seed * 1000 + index, 256, f"part-{index:02d}")
+        (write_dataset, (output_dir / kind, {kind: count}, "train", seed * 1000 + index, 256, f"part-{index:02d}"))
         for kind in KINDS
-        for index, count in enumerate(part_counts(counts[kind], parts))
+        for index, count in enumerate(split_counts(counts[kind], parts))
         if count
     ]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=context) as pool:
-        for future in [pool.submit(write_dataset, *job) for job in jobs]:
-            future.result()
+    run_jobs(jobs, workers)
     marker.write_text(json.dumps(settings, indent=2) + "\n")
     print(f"data: wrote {sum(counts.values())} records into {output_dir} in {time.perf_counter() - started:.1f} s")
     return settings

@@ -25,8 +25,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from armor_package import CODE_FILES  # noqa: E402  (registers the package `armor`)
 
 WEIGHT_FILE = "model.safetensors"
-COPIED = ("config.json", "generation_config.json", "chat_template.jinja", "preprocessor_config.json",
-          "processor_config.json", "README.md", "tokenizer")  # fmt: skip
+REQUIRED = ("config.json", "generation_config.json", "chat_template.jinja", "preprocessor_config.json",
+            "processor_config.json", "tokenizer")  # fmt: skip
+COPIED = (*REQUIRED, "README.md")  # a model card, where the checkpoint has one
 
 
 def bfloat16_weights(source: Path, target: Path) -> int:
@@ -45,8 +46,8 @@ def export(checkpoint: Path, output: Path) -> Path:
     config_path = checkpoint / "config.json"
     if not config_path.is_file() or json.loads(config_path.read_text()).get("model_type") != "armor":
         raise ValueError(f"{checkpoint} is not an ARMOR checkpoint folder (no config.json with model_type 'armor').")
-    for name in COPIED[:-2]:
-        if not (checkpoint / name).is_file():
+    for name in REQUIRED:
+        if not (checkpoint / name).exists():
             raise FileNotFoundError(f"{checkpoint} lacks {name}; export a complete train_wohg.py output folder.")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))

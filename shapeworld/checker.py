@@ -89,26 +89,21 @@ class DetectedObject:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """3x3 erosion: a pixel stays when its whole 8-neighbourhood is set (outside the image counts as unset)."""
+def _neighbourhood(mask: np.ndarray) -> list[np.ndarray]:
+    """The 9 shifts of `mask` over each pixel's 3x3 neighbourhood (outside the image counts as unset)."""
     padded = np.pad(mask, 1, constant_values=False)
     height, width = mask.shape
-    out = np.ones_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            out &= padded[dy : dy + height, dx : dx + width]
-    return out
+    return [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """3x3 erosion: a pixel stays when its whole 8-neighbourhood is set."""
+    return np.logical_and.reduce(_neighbourhood(mask))
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
     """3x3 dilation."""
-    padded = np.pad(mask, 1, constant_values=False)
-    height, width = mask.shape
-    out = np.zeros_like(mask)
-    for dy in range(3):
-        for dx in range(3):
-            out |= padded[dy : dy + height, dx : dx + width]
-    return out
+    return np.logical_or.reduce(_neighbourhood(mask))
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,10 +28,12 @@ descriptions are full sentences. Held-out colour-shape combinations never appear
 """
 
 import json
+import multiprocessing
 import os
 import random
 import sys
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -511,6 +513,22 @@ def make_examples(kind: str, count: int, split: str, seed: int) -> list[Example]
         example.id = f"{split}-{kind}-{index:06d}"
         examples.append(example)
     return examples
+
+
+def split_counts(total: int, parts: int) -> list[int]:
+    """`total` cut into `parts` near-equal counts (the first ones one larger)."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
+
+
+def run_jobs(jobs: list[tuple[Callable, tuple]], workers: int) -> list:
+    """Run independent jobs in worker processes (fork: the calling script is not re-imported), or inline for one."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [function(*arguments) for function, arguments in jobs]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(function, *arguments) for function, arguments in jobs]
+        return [future.result() for future in futures]
 
 
 def write_dataset(
