@@ -806,8 +806,9 @@ def image_token_embeddings_job(embed_source: str, name: str, shape: tuple, seed:
 
 
 def imgbos_head_job(lm_head_source: str, name: str, shape: tuple, dtype: torch.dtype) -> WeightJob:
-    """The `<imgbos>` row is the mean of the LLM's output rows: its score is then the average text logit, below the
-    best one, so greedy decoding is exactly the base model's until the row is trained."""
+    """The `<imgbos>` row is the mean of the LLM's output rows. It scores the adapter's output, so `<imgbos>` starts at
+    the average text logit of that state; a random adapter barely changes the LLM's last hidden state, so that is near
+    the base's average text logit, below the best one, and greedy decoding is the base model's until trained."""
 
     def rows(reader: SafetensorsCheckpoint) -> Iterator[torch.Tensor]:
         yield row_mean_and_spread(reader.read_rows(lm_head_source, CHUNK_BYTES))[0].unsqueeze(0)
@@ -1280,7 +1281,7 @@ tags:
 [ARMOR](https://arxiv.org/abs/2503.06542) turns an understanding-only multimodal LLM into one that can also answer
 with images. This checkpoint holds **untrained** ARMOR parts on top of the base model, i.e. the starting point for
 ARMOR's training; the base model's text answers are unchanged (the first V = {vocab:,} text logits are exactly the base
-model's, and the `<imgbos>` score starts at the average text logit).
+model's, and the `<imgbos>` score, which reads the adapter's output, starts near the average text logit).
 
 * Base model: `{source_name}` - {source.description}.
 * VQGAN: {vqgan_description}; {codes:,} codes, {config.vqgan_config.downsample_factor}x downsampling,
@@ -1304,7 +1305,7 @@ model's, and the `<imgbos>` score starts at the average text logit).
 
 Initialisation of the added parts:
 * `image_token_embeddings`: mean of the base embedding rows + Gaussian noise (0.1x the rows' spread around the mean).
-* `imgbos_head`: mean of the `lm_head` rows.
+* `imgbos_head`: mean of the `lm_head` rows; it scores `<imgbos>` from the adapter's output.
 * `adapter`: {adapter_init}.
 * `visual_head`: N(0, {config.text_config.initializer_range}).
 
@@ -1513,8 +1514,9 @@ EPILOG = """\
 What is added, and how it starts (all of it is meant to be trained; the base model's answers do not change):
   image_token_embeddings  [3 + K, H]  mean of the LLM's embedding rows + noise of 0.1x their spread: new tokens
                                       start as an "average token" the LLM already handles, yet distinct.
-  imgbos_head             [1, H]      mean of the lm_head rows: <imgbos> scores the average text logit, never the
-                                      best, so greedy text decoding is exactly the base model's until trained.
+  imgbos_head             [1, H]      mean of the lm_head rows, applied to the adapter's output: <imgbos> starts
+                                      near the average text logit, below the best, so greedy text decoding is the
+                                      base model's until trained.
   adapter                 N layers    see --adapter-init.
   visual_head             [K + 2, H]  N(0, initializer_range), as the LLM's own _init_weights.
 

@@ -6,10 +6,12 @@ LLM's own output head, untouched. ARMOR adds, beside them:
 * `image_token_embeddings`: input embeddings of `<imgbos>`, `<imgend>`, `<imgpad>` and the VQGAN codes (ids >= V);
 * `adapter`: decoder layers of the LLM's own kind on top of the LLM's last hidden state, with their own norm;
 * `visual_head`: scores `<imgend>`, `<imgpad>` and the codes from the adapter's output;
-* `imgbos_head`: the `<imgbos>` score, a column beside the LLM's output head.
+* `imgbos_head`: the `<imgbos>` score, a column beside the LLM's output head that reads the adapter's output.
 
 So the first V text logits are exactly the base model's, and training that leaves the base weights frozen cannot
-change what the model understands.
+change what the model understands. The `<imgbos>` score reads the adapter rather than the LLM's last hidden state
+because deciding to draw needs the prompt ("... Show me.") at the end of an answer, and with the LLM frozen its last
+state there does not carry it; the adapter's trainable layers attend over the whole context.
 """
 
 import copy
@@ -47,7 +49,7 @@ class ArmorCausalLMOutputWithPast(ModelOutput):
     image_loss (`torch.FloatTensor`, *optional*):
         Cross-entropy over the positions whose target is a visual-head id (`<imgend>`, `<imgpad>`, codes).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, V + 1)`):
-        Text head: the base LLM's logits over its vocabulary, then the `<imgbos>` score.
+        Text head: the base LLM's logits over its vocabulary, then the `<imgbos>` score (from the adapter's output).
     image_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, K + 2)`):
         Visual head: scores of `<imgend>`, `<imgpad>`, then the K codes (token ids `V + 1 ...`).
     past_key_values (`Cache`, *optional*):
@@ -192,9 +194,17 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features), image_features
 
-    def text_head(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Scores of ids `[0, V]`: the LLM's own head, then `<imgbos>`."""
-        return torch.cat([self.lm_head(hidden_states), self.imgbos_head(hidden_states)], dim=-1)
+    def text_head(self, hidden_states: torch.Tensor, adapter_states: torch.Tensor | None) -> torch.Tensor:
+        """Scores of ids `[0, V]`: the LLM's own head on its last hidden states, then `<imgbos>` on the adapter's.
+
+        Without adapter states (`None`: the adapter did not run, so no image can follow) `<imgbos>` scores `-inf`.
+        """
+        text_logits = self.lm_head(hidden_states)
+        if adapter_states is None:
+            imgbos_logits = text_logits.new_full((*text_logits.shape[:-1], 1), float("-inf"))
+        else:
+            imgbos_logits = self.imgbos_head(adapter_states)
+        return torch.cat([text_logits, imgbos_logits], dim=-1)
 
     def run_adapter(
         self,
@@ -266,7 +276,7 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         adapter_states = self.run_adapter(hidden_states, attention_mask, position_ids, past_key_values, use_cache)
 
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.text_head(hidden_states[:, keep])
+        logits = self.text_head(hidden_states[:, keep], adapter_states[:, keep])
         image_logits = self.visual_head(adapter_states[:, keep])
 
         loss = text_loss = image_loss = None
@@ -456,11 +466,12 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         attention_mask: torch.Tensor,
         past_key_values: Cache,
         need_text_logits: bool,
-        need_image_logits: bool,
+        need_adapter: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One token per row through LLM, adapter and the heads asked for; a pure function of its tensors and cache.
 
-        `need_image_logits=False` also skips the adapter, which is only right when no image can follow.
+        `need_adapter=False` skips the adapter: no image logits, `<imgbos>` scores `-inf`, and the adapter's cache
+        misses this position. That is only right when no image can follow.
         """
         inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.model.language_model(
@@ -470,11 +481,12 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
             past_key_values=past_key_values,
             use_cache=True,
         ).last_hidden_state
-        text_logits = self.text_head(hidden_states[:, -1]) if need_text_logits else None
-        image_logits = None
-        if need_image_logits:
+        adapter_states = image_logits = None
+        if need_adapter:
             adapter_states = self.run_adapter(hidden_states, attention_mask, position_ids, past_key_values, True)
-            image_logits = self.visual_head(adapter_states[:, -1])
+            adapter_states = adapter_states[:, -1]
+            image_logits = self.visual_head(adapter_states)
+        text_logits = self.text_head(hidden_states[:, -1], adapter_states) if need_text_logits else None
         return text_logits, image_logits
 
     @torch.no_grad()
@@ -495,7 +507,8 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         r"""
         Answer with text, images, or both, switching heads as the paper's forward switching does.
 
-        In text mode a row samples from the text head (vocabulary + `<imgbos>`). `<imgbos>` puts it in image mode:
+        In text mode a row samples from the text head (vocabulary + `<imgbos>`, whose score reads the adapter's
+        output, so the adapter runs at every step unless no image can be drawn). `<imgbos>` puts it in image mode:
         it then samples exactly `config.num_image_codes` codes from the visual head (only codes are allowed), gets
         `<imgend>` appended and returns to text mode. Rows switch independently inside one batch. A prompt that ends
         with `<imgbos>` starts in image mode.
@@ -568,7 +581,9 @@ class ArmorForConditionalGeneration(ArmorPreTrainedModel):
         position_ids = (model_mask.cumsum(-1) - 1).clamp(min=0)
         next_positions = position_ids[:, -1:] + 1
 
-        need_adapter = settings.modality != "text"
+        # The adapter feeds the visual head and the `<imgbos>` score, so it runs at every step (keeping its cache
+        # whole) unless no image can be drawn: `modality="text"` with no prompt that ends in `<imgbos>`.
+        need_adapter = settings.modality != "text" or bool(starts_in_image.any())
         static = settings.cache_implementation == "static"
         if static:
             cache = StaticCache(config=config.get_adapter_text_config(), max_cache_len=full_mask.shape[1])

@@ -1,14 +1,15 @@
 """WoHG ("what or how to generate") training of ARMOR: the paper's three stages, on the Hugging Face Trainer.
 
     stage  loss weights (text, image)  trains                                                        lr
-    1      1, 0  "what to generate"     image_token_embeddings, imgbos_head                           4e-5
+    1      1, 0  "what to generate"     image_token_embeddings, adapter, imgbos_head                  4e-5
     2      0, 1  "how to generate"      image_token_embeddings, adapter, visual_head                  1e-4
     3      1, 1  "how to answer better" image_token_embeddings, adapter, visual_head, imgbos_head     5e-5
 
 Shared: AdamW (0.9, 0.999), weight decay 0.05, cosine schedule (3% warmup), gradient clipping 1.0, bf16 where the GPU
 supports it; classifier-free-guidance dropout 0.1 in stages 2 and 3 (a sample's context becomes <imgpad>, as the
 unconditional rows of `generate`). The base model (LLM, its embeddings and text head, vision tower, projector) stays
-frozen, so its answers do not change; `--train-lm-head` (stages 1 and 3) trains the text head too.
+frozen, so its answers do not change; `--train-lm-head` (stages 1 and 3) trains the text head too. Stage 1 trains the
+adapter as well: the `<imgbos>` score reads the adapter's output, which sees the whole context (the prompt too).
 
 Options, lowest priority first: the stage preset, a YAML/JSON file (`--config`: top-level keys for every stage,
 `stage1:` / `stage2:` / `stage3:` sections for one), the command line. They are printed at start.
@@ -54,7 +55,8 @@ STAGES = {
         "name": "what to generate",
         "text_loss_weight": 1.0,
         "image_loss_weight": 0.0,
-        "trainable": ["image_token_embeddings", "imgbos_head"],
+        # The <imgbos> score reads the adapter's output, so deciding when to draw trains the adapter too.
+        "trainable": ["image_token_embeddings", "adapter", "imgbos_head"],
         "learning_rate": 4e-5,
         "cfg_drop_prob": 0.0,
     },

@@ -115,9 +115,11 @@ def understanding(evaluator: Evaluator, model, examples: list[Example], armor: b
     return result, answers
 
 
-def drawing(evaluator: Evaluator, model, examples: list[Example]) -> tuple[dict, list, float]:
+def drawing(evaluator: Evaluator, model, examples: list[Example], **settings) -> tuple[dict, list, float]:
+    """Checker rates, (example, image, score) triples and images/s of one drawing per prompt; `settings` override
+    the checkpoint's generation config."""
     start = time.perf_counter()
-    answers = evaluator.answers(model, examples, modality="image")
+    answers = evaluator.answers(model, examples, modality="image", **settings)
     if evaluator.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Answer one prompt with an ARMOR checkpoint: the answer's text is printed and each drawn image saved as a PNG.
 
     python scripts/generate.py "Draw a red circle to the left of a blue square." [--model PATH_OR_REPO]
-        [--image photo.png] [--modality auto|text|image] [--seed 0] [--guidance-scale 3.0] [--max-new-tokens N]
+        [--image photo.png] [--modality auto|text|image] [--seed 0] [--guidance-scale G] [--max-new-tokens N]
         [--output-dir outputs]
 
 Without --model it runs `armor-shapeworld/`, the ARMOR model that ships with the repository: trained end to end in

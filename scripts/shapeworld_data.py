@@ -1,6 +1,6 @@
 """Shape world, step 4a: the WoHG training data, one folder per kind (t2t, ti2t, t2i, t2ti, ti2ti).
 
-    python scripts/shapeworld_data.py [--output-dir runs/shapeworld/data] [--t2i 24000 ...] [--parts 16]
+    python scripts/shapeworld_data.py [--output-dir runs/shapeworld/data] [--t2i 36000 ...] [--parts 16]
 
 Each kind's folder holds `part-NN.jsonl` files (written in parallel, one seed each) and their PNGs under `images/`, in
 the paper's record layout that `wohg_data.py` reads; `configs/shapeworld_wohg.yaml` names the folders each stage trains
@@ -27,7 +27,7 @@ import armor_package  # noqa: F401,E402  (registers the package `armor`)
 from shapeworld.data import KINDS, run_jobs, split_counts, write_dataset  # noqa: E402
 
 MARKER = "shapeworld_data.json"
-DEFAULT_COUNTS = {"ti2t": 8_000, "t2t": 4_000, "t2i": 24_000, "t2ti": 8_000, "ti2ti": 4_000}
+DEFAULT_COUNTS = {"ti2t": 8_000, "t2t": 4_000, "t2i": 36_000, "t2ti": 8_000, "ti2ti": 4_000}
 
 
 def write_data(output_dir: Path, counts: dict[str, int], parts: int, seed: int, workers: int) -> dict:

@@ -9,8 +9,9 @@ level instead of two, 64 latent channels, 512 codes of 32 dimensions; 3.2M param
     python scripts/shapeworld_vqgan.py --smoke --output-dir /tmp/vqgan-smoke     # CPU, ~15 s
 
 Outputs in --output-dir: `vqgan/` (`save_pretrained`: config.json + model.safetensors, float32; what
-`convert_checkpoint.py --vqgan` takes), `summary.json` (steps, time, images/s, PSNR on held-out "test" scenes and on
-"heldout" scenes, codes used), `log.jsonl`, `reconstructions.png` (test images over their reconstructions) and
+`convert_checkpoint.py --vqgan` takes), `summary.json` (steps, time, images/s; on held-out "test" scenes and on
+"heldout" scenes: PSNR, the checker's pass rate on reconstructions, codes used, code perplexity over all cells and over
+plain-background cells), `log.jsonl`, `reconstructions.png` (test images over their reconstructions) and
 `checkpoint/`.
 
 Recipe. World images are flat colours on white, so no GAN or perceptual loss: an L2 reconstruction loss plus the VQ
@@ -19,7 +20,11 @@ pixels, L1's per-pixel sign gradients from the background drown the colour signa
 300-step CPU probe L1 drew every object as a red-brown blob while L2 drew the right colours. The first
 --ae-warmup-steps train a plain autoencoder (no quantizer), then the codebook is set to k-means centroids of the
 encoder's latents, so codes start where latents are; afterwards codes unused for --reset-every steps restart at
-random latents of the current batch (until --reset-until of the run). AdamW, linear warm-up then cosine decay, bf16
+random latents of the current batch (until --reset-until of the run). Both take latents of object cells only (cells
+whose 16x16 patch shows a shape): fed every cell, ~90% of them plain background, k-means and restarts put most of the
+codebook on background latents, which vary with the distance to the nearest shape; a first run's 512 codes gave plain
+background cells a code perplexity of 110, a coin with 110 sides that the generator then had to predict for every
+empty cell. Codes on shapes leave the background a few codes. AdamW, linear warm-up then cosine decay, bf16
 autocast on CUDA (the nearest-code search stays in float32), gradient clipping.
 
 Resuming. Every --save-every steps and when the run stops, the weights (`checkpoint/model.safetensors`) and the
@@ -56,6 +61,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.utils import logging as hf_logging
 
@@ -66,6 +72,8 @@ import armor_package  # noqa: F401,E402  (registers the package `armor`)
 # isort: split
 from armor.configuration_armor import ArmorVQGANConfig  # noqa: E402
 from armor.modeling_vqgan import ArmorVQGANModel  # noqa: E402
+from shapeworld.checker import score  # noqa: E402
+from shapeworld.data import scene_spec  # noqa: E402
 from shapeworld.training import (  # noqa: E402
     RunError,
     autocast,
@@ -74,7 +82,7 @@ from shapeworld.training import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-from shapeworld.world import render, sample_scene  # noqa: E402
+from shapeworld.world import BACKGROUND, Scene, render, sample_scene  # noqa: E402
 
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "log.jsonl"
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--crop-size", type=int, default=None, help="train on random windows of this size (default: whole images)"
     )
-    parser.add_argument("--codebook-size", type=int, default=512)
+    parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--embed-dim", type=int, default=32, help="codebook vector size")
     parser.add_argument("--latent-channels", type=int, default=64, help="encoder output channels (z_channels)")
     parser.add_argument("--base-channels", type=int, default=32, help="channels of the full-resolution level (ch)")
@@ -243,10 +251,29 @@ def vqgan_config(args: argparse.Namespace) -> ArmorVQGANConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def render_images(split: str, seeds: list[str], image_size: int) -> torch.Tensor:
-    """uint8 [len(seeds), 3, S, S]: one world scene of `split` per seed string (stable across processes)."""
-    images = np.stack([np.asarray(render(sample_scene(random.Random(seed), split), image_size)) for seed in seeds])
+def scenes_of(split: str, seeds: list[str]) -> list[Scene]:
+    """One world scene of `split` per seed string (stable across processes)."""
+    return [sample_scene(random.Random(seed), split) for seed in seeds]
+
+
+def render_images(scenes: list[Scene], image_size: int) -> torch.Tensor:
+    """uint8 [len(scenes), 3, S, S]."""
+    images = np.stack([np.asarray(render(scene, image_size)) for scene in scenes])
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+def object_cells(pixels: torch.Tensor, grid: int) -> torch.BoolTensor:
+    """[B, H / grid, W / grid]: the latent cells whose grid x grid pixel patch shows anything but background."""
+    background = torch.tensor(BACKGROUND, device=pixels.device).view(1, 3, 1, 1) / 255.0 * 2.0 - 1.0
+    drawn = (pixels - background).abs().amax(dim=1, keepdim=True) > 1e-3
+    return F.max_pool2d(drawn.float(), kernel_size=grid).squeeze(1) > 0
+
+
+def object_latents(latents: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """[N, D]: the latents of object cells (all latents if the batch shows no object), for placing codes."""
+    cells = object_cells(pixels, pixels.shape[-1] // latents.shape[-1])
+    flat = latents.permute(0, 2, 3, 1)
+    return flat[cells] if cells.any() else flat.reshape(-1, latents.shape[1])
 
 
 class WorldBatches(torch.utils.data.Dataset):
@@ -268,7 +295,7 @@ class WorldBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         step = self.first_step + index
         seeds = [f"vqgan-train-{self.seed}-{step}-{item}" for item in range(self.batch_size)]
-        images = render_images("train", seeds, self.image_size)
+        images = render_images(scenes_of("train", seeds), self.image_size)
         if self.crop_size == self.image_size:
             return images
         rng = random.Random(f"vqgan-crop-{self.seed}-{step}")
@@ -280,9 +307,9 @@ class WorldBatches(torch.utils.data.Dataset):
         return torch.stack(crops)
 
 
-def eval_images(split: str, count: int, image_size: int) -> torch.Tensor:
-    """The fixed held-out set: the same `count` scenes for every run and seed, so PSNRs compare across runs."""
-    return render_images(split, [f"vqgan-eval-{split}-{index}" for index in range(count)], image_size)
+def eval_scenes(split: str, count: int) -> list[Scene]:
+    """The fixed held-out set: the same `count` scenes for every run and seed, so figures compare across runs."""
+    return scenes_of(split, [f"vqgan-eval-{split}-{index}" for index in range(count)])
 
 
 def to_pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -343,17 +370,20 @@ def training_losses(
 @torch.no_grad()
 def kmeans_codebook(model: ArmorVQGANModel, args: argparse.Namespace, iterations: int = 20) -> float:
     """
-    Codebook := k-means centroids of the warmed-up encoder's latents over `--kmeans-images` fresh "train" images, so
-    that every code starts where latents are (a random codebook leaves most codes dead and merges colours). Returns
-    the mean squared distance of latents to their centroid.
+    Codebook := k-means centroids of the warmed-up encoder's object-cell latents (`object_latents`) over
+    `--kmeans-images` fresh "train" images, so that every code starts where latents are (a random codebook leaves
+    most codes dead and merges colours) and the codes go to shapes, not to the ~90% of cells that are plain
+    background. Returns the mean squared distance of those latents to their centroid.
     """
     seeds = [f"vqgan-kmeans-{args.seed}-{index}" for index in range(args.kmeans_images)]
-    images = render_images("train", seeds, args.image_size)
-    latents = []
+    images = render_images(scenes_of("train", seeds), args.image_size)
+    points = []
     for chunk in images.split(16):
+        pixels = to_pixels(chunk, model.device)
         with autocast(model.device, True):
-            latents.append(model.quant_conv(model.encoder(to_pixels(chunk, model.device))).float())
-    points = torch.cat(latents).permute(0, 2, 3, 1).reshape(-1, args.embed_dim)
+            latents = model.quant_conv(model.encoder(pixels)).float()
+        points.append(object_latents(latents, pixels))
+    points = torch.cat(points)
     generator = torch.Generator().manual_seed(args.seed)
     picks = torch.randperm(points.shape[0], generator=generator)[: args.codebook_size]
     picks = picks.repeat(math.ceil(args.codebook_size / picks.numel()))[: args.codebook_size].to(points.device)
@@ -373,14 +403,16 @@ def restart_dead_codes(
     optimizer: torch.optim.Optimizer,
     usage: torch.Tensor,
     latents: torch.Tensor,
+    pixels: torch.Tensor,
     step: int,
     seed: int,
 ) -> int:
-    """Codes unused since the last check become random latents of the current batch; their Adam moments restart."""
+    """Codes unused since the last check become random object-cell latents of the current batch (as in
+    `kmeans_codebook`); their Adam moments restart."""
     dead = (usage == 0).nonzero().squeeze(1)
     if dead.numel() == 0:
         return 0
-    flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    flat = object_latents(latents, pixels)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     picks = torch.randint(flat.shape[0], (dead.numel(),), generator=generator).to(flat.device)
     weight = model.quantize.embedding.weight
@@ -401,34 +433,54 @@ def settings_of(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def perplexity(codes: torch.Tensor, num_codes: int) -> float:
+    """exp(entropy) of the codes' frequencies: how many codes are in effective use."""
+    counts = torch.bincount(codes.flatten(), minlength=num_codes).double()
+    probabilities = counts[counts > 0] / counts.sum()
+    return round(float(torch.exp(-(probabilities * probabilities.log()).sum())), 1)
+
+
 @torch.no_grad()
-def evaluate(model: ArmorVQGANModel, images: torch.Tensor, batch_size: int) -> dict:
+def evaluate(model: ArmorVQGANModel, scenes: list[Scene], image_size: int, batch_size: int) -> dict:
     """
-    PSNR of `decode(encode(image))` against the image, in the float32 model as saved, on the uint8 pixels a user gets
-    (`decode(..., output_type="pil")`'s clamp and truncation), averaged over images; and the codes the set uses.
+    On the images of `scenes`, in the float32 model as saved and on the uint8 pixels a user gets
+    (`decode(..., output_type="pil")`'s clamp and truncation):
+
+    * PSNR of `decode(encode(image))` against the image, averaged over images;
+    * `checker_pass`: the share of reconstructions in which `shapeworld.checker` finds exactly the scene (every
+      object's shape, colour, size and position, nothing else), the ceiling of any drawing the generator makes;
+    * the codes used, their perplexity, and `background_code_perplexity`, the perplexity over plain-background
+      cells alone: a generator has to guess among that many codes for every empty cell, so low is better.
     """
     model.eval()
-    psnrs, codes, reconstructions = [], [], []
+    images = render_images(scenes, image_size)
+    psnrs, codes, reconstructions, background = [], [], [], []
     for chunk in images.split(batch_size):
-        chunk_codes = model.encode(to_pixels(chunk, model.device))
-        pixels = model.decode(chunk_codes).float().clamp(-1.0, 1.0)
-        decoded = ((pixels + 1.0) / 2.0 * 255).to(torch.uint8).cpu()
+        pixels = to_pixels(chunk, model.device)
+        chunk_codes = model.encode(pixels)
+        decoded = ((model.decode(chunk_codes).float().clamp(-1.0, 1.0) + 1.0) / 2.0 * 255).to(torch.uint8).cpu()
         mse = (decoded.float() - chunk.float()).square().mean(dim=(1, 2, 3))
         psnrs.append(10 * torch.log10(255.0**2 / mse.clamp_min(1e-10)))
         codes.append(chunk_codes.cpu())
+        background.append(chunk_codes[~object_cells(pixels, model.config.downsample_factor)].cpu())
         reconstructions.append(decoded)
-    psnr = torch.cat(psnrs)
-    codes = torch.cat(codes)
-    counts = torch.bincount(codes.flatten(), minlength=model.config.num_embeddings).double()
-    probabilities = counts[counts > 0] / counts.sum()
+    psnr, codes, reconstructions = torch.cat(psnrs), torch.cat(codes), torch.cat(reconstructions)
+    passes = [
+        score(scene_spec(scene), Image.fromarray(pixels.permute(1, 2, 0).numpy()))["pass"]
+        for scene, pixels in zip(scenes, reconstructions)
+    ]
+    num_codes = model.config.num_embeddings
     return {
-        "images": int(images.shape[0]),
+        "images": len(scenes),
         "psnr_db": round(float(psnr.mean()), 3),
         "psnr_min_db": round(float(psnr.min()), 3),
-        "codes_used": int((counts > 0).sum()),
-        "code_perplexity": round(float(torch.exp(-(probabilities * probabilities.log()).sum())), 1),
+        "checker_pass": round(sum(passes) / len(passes), 4),
+        "codes_used": int(codes.unique().numel()),
+        "code_perplexity": perplexity(codes, num_codes),
+        "background_code_perplexity": perplexity(torch.cat(background), num_codes),
         "code_grid": list(codes.shape[1:]),
-        "reconstructions": torch.cat(reconstructions),
+        "images_uint8": images,
+        "reconstructions": reconstructions,
     }
 
 
@@ -442,12 +494,17 @@ def save_reconstructions(path: Path, images: torch.Tensor, reconstructions: torc
 def print_table(summary: dict):
     test, heldout = summary["eval"]["test"], summary["eval"]["heldout"]
     print(f"\nshape-world VQGAN on {summary['device']} ({summary['output_dir']})")
-    print("| steps | train time (s) | images/s | batch | PSNR test (dB) | PSNR held-out combos (dB) | codes used |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| steps | train time (s) | images/s | batch | PSNR test / held-out combos (dB) | checker pass on "
+        "reconstructions, test / held-out | codes used | code perplexity, all / background cells |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {summary['step']} / {summary['steps']} | {summary['train_seconds']:.1f} | "
-        f"{summary['images_per_second']:.4g} | {summary['batch_size']} | {test['psnr_db']:.2f} | "
-        f"{heldout['psnr_db']:.2f} | {test['codes_used']} / {summary['codebook_size']} |"
+        f"{summary['images_per_second']:.4g} | {summary['batch_size']} | {test['psnr_db']:.2f} / "
+        f"{heldout['psnr_db']:.2f} | {test['checker_pass']:.1%} / {heldout['checker_pass']:.1%} | "
+        f"{test['codes_used']} / {summary['codebook_size']} | {test['code_perplexity']} / "
+        f"{test['background_code_perplexity']} |"
     )
 
 
@@ -545,7 +602,7 @@ def run(args: argparse.Namespace) -> dict:
         if quantize and quantized_steps % args.reset_every == 0:
             if step <= args.reset_until * args.steps:
                 state["restarted_codes"] += restart_dead_codes(
-                    model, optimizer, usage, losses["latents"], step, args.seed
+                    model, optimizer, usage, losses["latents"], pixels, step, args.seed
                 )
             usage.zero_()
         if step % args.save_every == 0 and step < stop_step:
@@ -587,11 +644,11 @@ def run(args: argparse.Namespace) -> dict:
 
     evaluation = {}
     for split in ("test", "heldout"):
-        images = eval_images(split, args.eval_images, args.image_size)
-        evaluation[split] = evaluate(model, images, batch_size=max(1, min(64, args.batch_size * 4)))
+        scenes = eval_scenes(split, args.eval_images)
+        evaluation[split] = evaluate(model, scenes, args.image_size, batch_size=max(1, min(64, args.batch_size * 4)))
+        images, reconstructions = evaluation[split].pop("images_uint8"), evaluation[split].pop("reconstructions")
         if split == "test":
-            save_reconstructions(output_dir / "reconstructions.png", images, evaluation[split]["reconstructions"])
-        del evaluation[split]["reconstructions"]
+            save_reconstructions(output_dir / "reconstructions.png", images, reconstructions)
 
     summary = {
         "step": step,

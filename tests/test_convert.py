@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, InternVLForConditionalGeneration
 
 from armor import convert_checkpoint as cc
+from armor.modeling_armor import ArmorForConditionalGeneration
 
 INTERNVL = {"internlm2": FIXTURES / "internvl2_5-tiny-internlm2", "qwen2": FIXTURES / "internvl2_5-tiny-qwen2"}
 VQGAN = FIXTURES / "chameleon-vqgan-tiny"
@@ -314,6 +315,19 @@ def test_new_parameters_start_as_documented(converted):
     assert torch.equal(weights["adapter.norm.weight"], torch.ones(96))
     assert abs(weights["adapter.layers.0.mlp.up_proj.weight"].std() - 0.02) < 0.003
     assert torch.equal(weights["adapter.layers.1.self_attn.q_proj.bias"], torch.zeros(96))
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_untrained_imgbos_score_reads_the_adapter_and_stays_below_the_best_text_logit(converted, llm):
+    """The mean `lm_head` row on the adapter's output: near the average text logit, so greedy text stays the base's."""
+    model = ArmorForConditionalGeneration.from_pretrained(converted[llm]).eval()
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(0, vocab - 20, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    text, imgbos = logits[..., :vocab], logits[..., vocab]
+    assert (imgbos < text.max(-1).values).all()
+    assert (imgbos - text.mean(-1)).abs().max() < 0.1 * text.std(-1).min()
 
 
 def test_same_seed_same_weights_other_seed_other_new_weights(converted, tmp_path):

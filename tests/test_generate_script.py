@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO_ROOT
 from PIL import Image
 
-from armor.shapeworld.checker import detect
+from armor.shapeworld.checker import detect, score
 from armor.shapeworld.world import Scene, SceneObject, render
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -18,7 +18,12 @@ def test_drawing_request_is_answered_with_one_png_of_the_models_size(tmp_path, c
     assert [type(segment) for segment in segments] == [Image.Image]  # the model chose to draw, and only to draw
     with Image.open(tmp_path / "image_1.png") as saved:
         assert saved.size == (256, 256)
-        assert "green" in {found.colour for found in detect(saved.convert("RGB"))}
+        drawn = saved.convert("RGB")
+    # The drawing passes the checker: two green stars and nothing else (seed 0; the model passes about half of the
+    # seen prompts, see the README).
+    verdict = score({"objects": [{"shape": "star", "colour": "green", "count": 2}], "exact": True}, drawn)
+    assert verdict["pass"], verdict["detected"]
+    assert [(found.shape, found.colour) for found in detect(drawn)] == [("star", "green"), ("star", "green")]
     output = capsys.readouterr()
     assert f"saved to {tmp_path / 'image_1.png'}" in output.out
     assert "256/256" in output.err  # the progress bar over the image tokens

@@ -1,5 +1,6 @@
 """ArmorForConditionalGeneration: understanding parity, forward switching, losses, generation, checkpoints."""
 
+import copy
 import shutil
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from conftest import REPO_ROOT
 from tiny_models import EOS, VOCAB_SIZE, image_prompt, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
+from transformers.cache_utils import StaticCache
 
 from armor.configuration_armor import ArmorConfig
 from armor.modeling_armor import ArmorForConditionalGeneration, image_mode_mask
@@ -86,6 +88,56 @@ def test_cache_gives_the_same_logits_as_one_pass():
     assert (rest.image_logits - full.image_logits[:, 5:]).abs().max() < 1e-5
 
 
+def test_text_logits_read_the_llm_and_the_imgbos_score_reads_the_adapter():
+    model = tiny_model()
+    ids = torch.tensor([[1, 7, 8, 9, IMGBOS, CODE0 + 5, IMGEND, 11]])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+        hidden = model.model.language_model(
+            inputs_embeds=model.embed_tokens(ids), position_ids=positions, use_cache=False
+        ).last_hidden_state
+        adapter_states = model.run_adapter(hidden, None, positions, None, False)
+        assert torch.equal(logits[..., :VOCAB_SIZE], model.lm_head(hidden))
+        assert torch.equal(logits[..., VOCAB_SIZE:], model.imgbos_head(adapter_states))
+        assert not torch.isclose(logits[..., VOCAB_SIZE:], model.imgbos_head(hidden)).any()  # not the LLM's state
+        for parameter in model.adapter.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        changed = model(ids, use_cache=False).logits
+    assert torch.equal(changed[..., :VOCAB_SIZE], logits[..., :VOCAB_SIZE])  # understanding: bitwise the same
+    assert not torch.isclose(changed[..., VOCAB_SIZE], logits[..., VOCAB_SIZE]).any()  # the decision moved
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_decode_steps_give_the_forwards_logits_and_without_the_adapter_no_imgbos(static):
+    """`decode_step` as `generate` calls it, dynamic and static cache, against one pass over the whole sequence."""
+    model = tiny_model(seed=3)
+    ids = torch.tensor([[1, 7, 8, 9, IMGBOS, CODE0 + 5, CODE0 + 9, IMGEND, 11, 12]])
+    prompt_length, mask = 4, torch.ones_like(ids)
+    if static:
+        cache = StaticCache(config=model.config.get_adapter_text_config(), max_cache_len=ids.shape[1])
+    else:
+        cache = model.new_cache()
+    with torch.no_grad():
+        full = model(ids, use_cache=False)
+        model(
+            ids[:, :prompt_length],
+            attention_mask=mask if static else mask[:, :prompt_length],
+            position_ids=torch.arange(prompt_length).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        for step in range(prompt_length, ids.shape[1]):
+            inputs = (ids[:, step : step + 1], torch.tensor([[step]]), mask if static else mask[:, : step + 1])
+            text_only, no_image = model.decode_step(*inputs, copy.deepcopy(cache), True, False)
+            text_logits, image_logits = model.decode_step(*inputs, cache, True, True)
+            assert (text_logits - full.logits[:, step]).abs().max() < 1e-5
+            assert (image_logits - full.image_logits[:, step]).abs().max() < 1e-5
+            assert torch.equal(text_only[:, :VOCAB_SIZE], text_logits[:, :VOCAB_SIZE]) and no_image is None
+            assert text_only[0, VOCAB_SIZE] == float("-inf")
+    assert full.logits[0, prompt_length:, VOCAB_SIZE].abs().min() > 0.1  # a real score was compared
+
+
 def make_labels(ids: torch.LongTensor, prompt_length: int) -> torch.LongTensor:
     labels = ids.clone()
     labels[:, :prompt_length] = -100
@@ -113,7 +165,8 @@ def test_loss_routes_targets_by_id_and_weights_the_parts():
     ("text_weight", "image_weight", "silent", "moving"),
     [
         (0.0, 1.0, ("lm_head", "imgbos_head"), ("adapter", "visual_head", "image_token_embeddings")),
-        (1.0, 0.0, ("adapter", "visual_head"), ("imgbos_head", "lm_head", "image_token_embeddings")),
+        # The text loss reaches the adapter through the <imgbos> score, which reads the adapter's output.
+        (1.0, 0.0, ("visual_head",), ("imgbos_head", "adapter", "lm_head", "image_token_embeddings")),
     ],
 )
 def test_a_zero_loss_weight_sends_no_gradient_to_its_head(text_weight, image_weight, silent, moving):
@@ -178,6 +231,41 @@ def test_text_only_answer_never_opens_an_image():
     assert IMGBOS in greedy(model, ids, max_new_tokens=30)  # the biased model wants an image...
     answer = greedy(model, ids, max_new_tokens=30, modality="text")
     assert IMGBOS not in answer and all(token < VOCAB_SIZE for token in answer)  # ...and is not allowed one
+
+
+def test_text_modality_answers_exactly_as_the_base_model_whatever_the_adapter():
+    model = tiny_model(seed=1)
+    with torch.no_grad():  # an adapter and <imgbos> row that make the model want an image...
+        model.imgbos_head.weight.mul_(3.0)
+        for parameter in model.adapter.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    native = native_internvl(model)
+    ids = torch.tensor([[1, 7, 8, 9, 10]])
+    assert IMGBOS in greedy(model, ids, max_new_tokens=40)
+    answer = greedy(model, ids, max_new_tokens=40, modality="text")  # ...answers as the base model does
+    base = native.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=EOS, pad_token_id=EOS)
+    assert answer == base[0, ids.shape[1] :].tolist() and len(answer) > 3
+
+
+def test_static_cache_generation_equals_dynamic_cache_generation():
+    """Both caches hold the adapter's layers; the adapter runs at every step, text steps included."""
+    model = tiny_model(seed=3)
+    with torch.no_grad():
+        model.imgbos_head.weight.mul_(3.0)
+    ids = torch.tensor([[1, 7, 8, 9, 10]])
+    dynamic = greedy(model, ids, max_new_tokens=45)
+    assert IMGBOS in dynamic and dynamic.index(IMGBOS) > 0  # text, then an image: <imgbos> read from a decode step
+    assert greedy(model, ids, max_new_tokens=45, cache_implementation="static") == dynamic
+
+
+def test_a_text_only_batch_still_draws_the_image_a_prompt_opened():
+    """`modality="text"` skips the adapter only while no row can draw; a prompt ending in `<imgbos>` draws."""
+    model = tiny_model(seed=2)
+    batch = torch.tensor([[1, 7, 8, 9, 10], [1, 7, 8, 9, IMGBOS]])
+    answers = model.generate(batch, do_sample=False, image_do_sample=False, max_new_tokens=N + 4, modality="text")
+    opened = answers[1, batch.shape[1] :].tolist()
+    assert opened[: N + 1] == greedy(model, batch[1:], max_new_tokens=N + 1) and opened[N] == IMGEND
+    assert IMGBOS not in answers[0].tolist()
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "llama"])

@@ -1,6 +1,7 @@
 """scripts/shapeworld_vqgan.py (shape world, step 1): a CPU smoke run, resuming, the time budget, refused options."""
 
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from armor.convert_checkpoint import load_vqgan
 from armor.modeling_vqgan import ArmorVQGANModel
-from shapeworld.world import render, sample_scene
+from shapeworld.world import Scene, SceneObject, render, sample_scene
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import shapeworld_vqgan  # noqa: E402
@@ -63,6 +64,9 @@ def test_smoke_summary_reports_psnr_code_usage_and_throughput(smoke_run):
         assert evaluation["images"] == 4 and evaluation["code_grid"] == [16, 16]
         assert 0 < evaluation["psnr_db"] < 100
         assert 1 <= evaluation["codes_used"] <= 64
+        assert 0 <= evaluation["checker_pass"] <= 1
+        assert 1 <= evaluation["background_code_perplexity"] <= evaluation["codes_used"]
+        assert 1 <= evaluation["code_perplexity"] <= evaluation["codes_used"]
     assert summary["vqgan_config"]["num_embeddings"] == 64
     assert (smoke_run / "reconstructions.png").is_file()
     assert [json.loads(line)["step"] for line in (smoke_run / "log.jsonl").read_text().splitlines()] == [1, 2]
@@ -131,3 +135,28 @@ def test_bad_options_are_refused_with_the_fix(tmp_path, options, message):
     with pytest.raises(SystemExit, match=message):
         train(tmp_path, "--smoke", *options)
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_codes_are_placed_on_object_cells_only():
+    # One large square whose 64 px box spans x, y in [100, 164): latent cells 6..10 of the 16x16 grid, both ways.
+    scene = Scene([SceneObject("square", "red", "large", 132, 132)])
+    pixels = shapeworld_vqgan.to_pixels(shapeworld_vqgan.render_images([scene], 256), torch.device("cpu"))
+    cells = shapeworld_vqgan.object_cells(pixels, grid=16)
+    expected = torch.zeros(1, 16, 16, dtype=torch.bool)
+    expected[0, 6:11, 6:11] = True
+    assert torch.equal(cells, expected)
+    latents = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(1, 2, 16, 16)
+    picked = shapeworld_vqgan.object_latents(latents, pixels)
+    assert picked.shape == (25, 2)
+    assert torch.equal(picked, latents[0].permute(1, 2, 0)[expected[0]])
+    # A blank batch has no object cells: every latent is a candidate.
+    blank = torch.ones(1, 3, 256, 256)  # white, in [-1, 1]
+    assert shapeworld_vqgan.object_latents(latents, blank).shape == (256, 2)
+
+
+def test_code_perplexity_counts_the_codes_in_effective_use():
+    assert shapeworld_vqgan.perplexity(torch.tensor([3, 3, 3, 3]), 8) == 1.0
+    assert shapeworld_vqgan.perplexity(torch.tensor([[0, 1], [2, 3]]), 8) == 4.0
+    assert shapeworld_vqgan.perplexity(torch.tensor([0, 0, 0, 1]), 8) == round(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), 1
+    )

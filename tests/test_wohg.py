@@ -14,6 +14,8 @@ import torch
 from conftest import FIXTURES, REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_models import VOCAB_SIZE as TINY_V
+from tiny_models import tiny_model
 from transformers import AutoModel, AutoProcessor, TrainerCallback
 
 from armor import convert_checkpoint as cc
@@ -555,7 +557,7 @@ def test_loss_falls_in_every_stage(trained):
 
 
 TRAINED_PREFIXES = {
-    1: ("image_token_embeddings.", "imgbos_head."),
+    1: ("image_token_embeddings.", "adapter.", "imgbos_head."),
     2: ("image_token_embeddings.", "adapter.", "visual_head."),
     3: ("image_token_embeddings.", "adapter.", "visual_head.", "imgbos_head."),
 }
@@ -673,7 +675,7 @@ def test_options_come_from_preset_then_config_file_then_command_line():
     assert stage2["trainable"] == ["image_token_embeddings", "adapter", "visual_head"]
     stage1 = train_wohg.resolve_options(1, {**cli, "train_lm_head": "true"}, {})
     assert (stage1["learning_rate"], stage1["image_loss_weight"]) == (4e-5, 0.0)
-    assert stage1["trainable"] == ["image_token_embeddings", "imgbos_head", "lm_head"]
+    assert stage1["trainable"] == ["image_token_embeddings", "adapter", "imgbos_head", "lm_head"]
     assert train_wohg.resolve_options(3, cli, {})["learning_rate"] == 5e-5
     with pytest.raises(ValueError, match="Unknown option 'lr'"):
         train_wohg.resolve_options(1, cli, {"lr": 1})
@@ -683,6 +685,25 @@ def test_options_come_from_preset_then_config_file_then_command_line():
         train_wohg.resolve_options(3, {**cli, "trainable": ["vqgan"]}, {})
     with pytest.raises(ValueError, match="--output-dir"):
         train_wohg.resolve_options(3, {"model": "m", "data": ["d"]}, {})
+
+
+def test_stage_1_trains_the_imgbos_score_its_input_the_adapter_and_the_new_rows_only():
+    """The <imgbos> score reads the adapter's output, so "what to generate" trains the adapter; the base stays frozen.
+
+    Every trainable parameter must get a gradient from the text loss alone (DDP runs without find_unused_parameters).
+    """
+    model = tiny_model(text_loss_weight=1.0, image_loss_weight=0.0).train()
+    names = train_wohg.set_trainable(model, train_wohg.STAGES[1]["trainable"])
+    parts = {"image_token_embeddings", "adapter", "imgbos_head"}
+    assert names == [name for name, _ in model.named_parameters() if train_wohg.part_of(name) in parts]
+    assert {train_wohg.part_of(name) for name in names} == parts
+    ids = torch.tensor([[1, 7, 8, TINY_V, TINY_V + 3, TINY_V + 9, TINY_V + 1, 11, 5]])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    model(ids, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == (name in names), name
+        assert parameter.grad is None or parameter.grad.abs().sum() > 0, name
 
 
 def test_stage_all_checks_every_stages_options_before_training_any(tmp_path, monkeypatch):
@@ -748,7 +769,9 @@ def test_internvl2_5_8b_shapes_train_about_0_9b_parameters_in_stages_2_and_3():
     assert rows[3]["image_token_embeddings"]["trainable"] == (3 + 8192) * 4096
     assert rows[3]["visual_head"]["trainable"] == (2 + 8192) * 4096 and rows[3]["imgbos_head"]["trainable"] == 4096
     assert 0.90e9 < trainable[2] < trainable[3] < 0.95e9
-    assert trainable[1] == (3 + 8192) * 4096 + 4096
+    # Stage 1 trains the adapter too (the <imgbos> score reads it), but not the visual head.
+    assert trainable[1] == (3 + 8192) * 4096 + 4096 + 4 * layer + 4096 == 906_022_912
+    assert rows[1]["visual_head"]["trainable"] == 0
     assert rows[3]["llm_layers"]["parameters"] > 6.9e9 and rows[3]["llm_layers"]["trainable"] == 0
     assert rows[3]["vision_tower"]["trainable"] == rows[3]["projector"]["trainable"] == 0
 
