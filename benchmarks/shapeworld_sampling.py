@@ -1,10 +1,12 @@
-"""Choose the shape-world model's image-sampling defaults on validation prompts, never on the evaluation's.
+"""Choose the shape-world model's image-sampling defaults on prompts of the training distribution, never on the
+evaluation's.
 
     python benchmarks/shapeworld_sampling.py --model armor-shapeworld [--count 64] [--device cpu]
 
-Draws `--count` t2i prompts of the "train" split with their own seed (`VALIDATION_SEED`; the evaluation uses the
-"test" and "heldout" splits) under every setting of a grid of classifier-free guidance scales and image-token
-temperatures (top-k 8), plus the converter's defaults (guidance 3, temperature 1, top-k 32), each seeded as
+Draws `--count` t2i prompts of the "train" split with their own seed (`VALIDATION_SEED`; some may also be training
+records, none is one of the evaluation's "test" or "heldout" prompts) under every setting of a grid of
+classifier-free guidance scales and image-token temperatures (top-k 8), plus the settings the H200 run was converted
+with (guidance 3 and temperature 1, the converter's defaults, and top-k 32), each seeded as
 `benchmarks/shapeworld_eval.py` seeds its drawings, and scores them with the checker. Prints one table (best pass
 rate first) and writes shapeworld_sampling.json and shapeworld_sampling.md into --out ($OUT or .). The best setting
 goes to the converter (`--guidance-scale`, `--image-temperature`, `--image-top-k` in `scripts/shapeworld.sh`), so that
@@ -29,7 +31,7 @@ VALIDATION_SEED = 777
 GUIDANCE_SCALES = (1.0, 1.5, 2.0, 3.0)
 TEMPERATURES = (1.0, 0.7, 0.5)
 TOP_K = 8
-CONVERTER_DEFAULTS = {"guidance_scale": 3.0, "image_temperature": 1.0, "image_top_k": 32}
+PREVIOUS_SETTINGS = {"guidance_scale": 3.0, "image_temperature": 1.0, "image_top_k": 32}
 
 
 def settings_grid() -> list[dict]:
@@ -38,7 +40,7 @@ def settings_grid() -> list[dict]:
         for scale in GUIDANCE_SCALES
         for temperature in TEMPERATURES
     ]
-    return [CONVERTER_DEFAULTS, *grid]
+    return [PREVIOUS_SETTINGS, *grid]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -3,7 +3,7 @@
 The model is the repository's own `ArmorVQGANModel` (Chameleon's taming VQGAN: encoder, nearest-code quantizer,
 decoder) with Chameleon's layout at a quarter of its width: channel multipliers 1,1,2,2,4 (5 levels, 16x
 downsampling, so a 256px image is a 16x16 grid of 256 codes) on 32 base channels instead of 128, one res block per
-level instead of two, 64 latent channels, 512 codes of 32 dimensions; 3.2M parameters (13 MB in float32).
+level instead of two, 64 latent channels, 256 codes of 32 dimensions; 3.2M parameters (13 MB in float32).
 
     python scripts/shapeworld_vqgan.py --output-dir runs/shapeworld/vqgan      # one H100: ~2.5-3 min in all
     python scripts/shapeworld_vqgan.py --smoke --output-dir /tmp/vqgan-smoke     # CPU, ~15 s
@@ -23,8 +23,8 @@ encoder's latents, so codes start where latents are; afterwards codes unused for
 random latents of the current batch (until --reset-until of the run). Both take latents of object cells only (cells
 whose 16x16 patch shows a shape): fed every cell, ~90% of them plain background, k-means and restarts put most of the
 codebook on background latents, which vary with the distance to the nearest shape; a first run's 512 codes gave plain
-background cells a code perplexity of 110, a coin with 110 sides that the generator then had to predict for every
-empty cell. Codes on shapes leave the background a few codes. AdamW, linear warm-up then cosine decay, bf16
+background cells a code perplexity of 136: for every empty cell the generator had to guess as if among 136 equally
+likely codes. Codes on shapes leave the background a few codes. AdamW, linear warm-up then cosine decay, bf16
 autocast on CUDA (the nearest-code search stays in float32), gradient clipping.
 
 Resuming. Every --save-every steps and when the run stops, the weights (`checkpoint/model.safetensors`) and the
@@ -46,7 +46,9 @@ float32, SiLU, dtype casts) over ~21M activation elements per image. Measured on
 autocast, batch 64): 415 images/s for the wider multipliers 1,2,2,4,4 (29 GFLOP forward, ~36 TFLOP/s effective) and
 ~500 images/s for these defaults (a 25 s probe, its ~6 s start-up subtracted). At batch 16 that is ~31 steps/s, so the
 default 3,500 steps (56,000 images) take ~110-135 s, inside the default 150 s --time-budget-s; start-up (imports,
-workers, cuDNN autotuning) and the evaluation add ~20-30 s: ~2.5-3 minutes of GPU time in all.
+workers, cuDNN autotuning) and the evaluation add ~20-30 s: ~2.5-3 minutes of GPU time in all. Beside the base
+model's training, as scripts/shapeworld.sh runs them, the two share the machine's CPUs and GPU: on an H200 the VQGAN
+then ran at ~170 images/s and reached 1,780 of its 3,500 steps in a 170 s budget.
 """
 
 import argparse

@@ -330,6 +330,18 @@ def test_untrained_imgbos_score_reads_the_adapter_and_stays_below_the_best_text_
     assert (imgbos - text.mean(-1)).abs().max() < 0.1 * text.std(-1).min()
 
 
+def test_untrained_imgbos_score_stays_below_the_best_text_logit_with_a_copied_adapter(tmp_path):
+    """With `--adapter-init copy-top` (the shape world's choice) the adapter's output is not the LLM's last state."""
+    model = ArmorForConditionalGeneration.from_pretrained(
+        run_convert(INTERNVL["qwen2"], tmp_path / "out", adapter_init="copy-top", adapter_layers=2)
+    ).eval()
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(0, vocab - 20, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    assert (logits[..., vocab] < logits[..., :vocab].max(-1).values).all()
+
+
 def test_same_seed_same_weights_other_seed_other_new_weights(converted, tmp_path):
     again = read_weights(run_convert(INTERNVL["qwen2"], tmp_path / "again"))
     other = read_weights(run_convert(INTERNVL["qwen2"], tmp_path / "other", seed=1))

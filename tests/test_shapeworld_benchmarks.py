@@ -29,7 +29,7 @@ def test_answer_modality_names_what_an_answer_holds():
     assert shapeworld_eval.answer_modality([]) == "none"
 
 
-def test_drawing_settings_override_the_checkpoints_generation_config(shipped):
+def test_drawings_are_seeded_and_settings_change_them(shipped):
     model, evaluator = shipped
     examples = make_examples("t2i", 2, "train", shapeworld_sampling.VALIDATION_SEED)
     rates, scored, images_per_s = shapeworld_eval.drawing(evaluator, model, examples)
