@@ -112,6 +112,7 @@ from shapeworld.data import (  # noqa: E402
 )
 from shapeworld.training import (  # noqa: E402
     RunError,
+    add_schedule_arguments,
     autocast,
     check_schedule_args,
     learning_rate_at,
@@ -213,17 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/shapeworld/base", help="internvl/, summary.json, checkpoint/")
     parser.add_argument("--data-dir", default=None, help="records and tokenizer (default: <output-dir>/data)")
-    parser.add_argument("--steps", type=int, default=1100, help="target number of optimizer steps")
-    parser.add_argument(
-        "--time-budget-s", type=float, default=240.0, help="stop training (saving) after this much training time"
-    )
-    parser.add_argument("--stop-at", type=int, default=None, help="stop this invocation at this step (resume later)")
+    add_schedule_arguments(parser, steps=1100, time_budget_s=240.0)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--min-learning-rate-ratio", type=float, default=0.05, help="cosine floor / peak")
-    parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.05, help="on matrices only")
-    parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     # the model
     parser.add_argument("--vision-hidden-size", type=int, default=192)

@@ -78,6 +78,7 @@ from shapeworld.checker import score  # noqa: E402
 from shapeworld.data import scene_spec  # noqa: E402
 from shapeworld.training import (  # noqa: E402
     RunError,
+    add_schedule_arguments,
     autocast,
     check_schedule_args,
     learning_rate_at,
@@ -141,11 +142,7 @@ SMOKE_DEFAULTS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/shapeworld/vqgan", help="checkpoint, vqgan/, summary.json")
-    parser.add_argument("--steps", type=int, default=3500, help="target number of optimizer steps")
-    parser.add_argument(
-        "--time-budget-s", type=float, default=150.0, help="stop training (saving) after this much training time"
-    )
-    parser.add_argument("--stop-at", type=int, default=None, help="stop this invocation at this step (resume later)")
+    add_schedule_arguments(parser, steps=3500, time_budget_s=150.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256, help="training resolution (a multiple of 16)")
     parser.add_argument(
@@ -159,11 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-multiplier", default="1,1,2,2,4", help="per-level multipliers (ch_mult); n levels: 2^(n-1)x"
     )
     parser.add_argument("--num-res-blocks", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--min-learning-rate-ratio", type=float, default=0.05, help="cosine floor / peak")
-    parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.01, help="on conv weights only")
-    parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--reconstruction-loss", choices=("l1", "l2", "l1+l2"), default="l2")
     parser.add_argument(
         "--ae-warmup-steps", type=int, default=300, help="first train a plain autoencoder (no quantizer) this long"

@@ -18,6 +18,22 @@ class RunError(ValueError):
     """A bad option or an output folder that does not fit the command; the message says what to change."""
 
 
+def add_schedule_arguments(parser: argparse.ArgumentParser, steps: int, time_budget_s: float):
+    """--steps, --time-budget-s, --stop-at and the learning-rate schedule, which `check_schedule_args` checks."""
+    parser.add_argument("--steps", type=int, default=steps, help="target number of optimizer steps")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=time_budget_s,
+        help="stop training (saving) after this much training time",
+    )
+    parser.add_argument("--stop-at", type=int, default=None, help="stop this invocation at this step (resume later)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--min-learning-rate-ratio", type=float, default=0.05, help="cosine floor / peak")
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+
+
 def check_schedule_args(args: argparse.Namespace):
     """The options every shape-world trainer has: --time-budget-s, --stop-at, the learning-rate schedule."""
     if args.time_budget_s <= 0:
